@@ -1,0 +1,85 @@
+"""Event handlers: translate between Gradio values and the engine. No model code lives here.
+
+Every handler turns the engine's typed errors into ``gr.Error`` so the user sees the message in the page, and
+returns plain values (markdown strings, DataFrames, dicts) that Gradio renders.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import gradio as gr
+import pandas as pd
+
+from engine.audio import Audio
+from engine.classifier import parse_class_names
+from engine.errors import AudioScribeError
+from engine.service import AudioScribe, top_caption_rows
+
+CAPTION_COLUMNS = ["rank", "caption", "similarity"]
+WINDOW_CAPTION_COLUMNS = ["window", "start_s", "end_s", "best caption", "similarity"]
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show AudioScribe's own errors (bad audio, bad class names, ...) as a message in the page."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError as e:
+            raise gr.Error(f"File not found: {e.filename or e}") from e
+        except AudioScribeError as e:
+            raise gr.Error(str(e)) from e
+    return wrapper
+
+
+def describe_audio(audio: Audio) -> str:
+    """One line about what was loaded, including any conversion, so sample-rate handling is never silent."""
+    conversion = []
+    if audio.original_channels > 1:
+        conversion.append(f"{audio.original_channels} channels averaged to mono")
+    if audio.original_sample_rate != audio.sample_rate:
+        conversion.append(f"resampled {audio.original_sample_rate} Hz -> {audio.sample_rate} Hz")
+    done = "; ".join(conversion) if conversion else "no conversion needed"
+    return f"**{audio.source}**: {audio.duration_s:.2f} s ({done})"
+
+
+class Handlers:
+    """The app's callbacks, bound to one shared :class:`AudioScribe`."""
+
+    def __init__(self, service: AudioScribe) -> None:
+        self.service = service
+
+    def _load(self, audio_path: str | None) -> Audio:
+        if not audio_path:
+            raise gr.Error("Upload or record some audio first")
+        return self.service.load(audio_path)
+
+    @user_errors
+    def retrieve(self, audio_path: str | None, k: float) -> tuple[str, pd.DataFrame, pd.DataFrame]:
+        """Audio -> (info line, top-k captions for the clip, best caption per window)."""
+        audio = self._load(audio_path)
+        found = self.service.retrieve(audio, int(k))
+        clip = pd.DataFrame(top_caption_rows(found.clip), columns=CAPTION_COLUMNS)
+        windows = pd.DataFrame(
+            [(w.index + 1, round(w.start_s, 2), round(w.end_s, 2), found.per_window.captions[i][0],
+              round(float(found.per_window.scores[i][0]), 4)) for i, w in enumerate(found.windows)],
+            columns=WINDOW_CAPTION_COLUMNS)
+        info = describe_audio(audio) + f" — {len(found.windows)} window(s) of up to {self.service.config.audio.window_s:g} s"
+        return info, clip, windows
+
+    @user_errors
+    def classify(self, audio_path: str | None, class_text: str, template_text: str, multi_label: bool,
+                 threshold: float) -> tuple[str, dict[str, float], pd.DataFrame]:
+        """Audio + class names -> (info line, {class: score} for gr.Label, per-window scores)."""
+        audio = self._load(audio_path)
+        names = parse_class_names(class_text or "")
+        templates = [t for t in (template_text or "").splitlines() if t.strip()] or None
+        result = self.service.classify(audio, names, templates, multi_label=multi_label, threshold=threshold)
+        per_window = pd.DataFrame(result.window_scores.astype(float).round(4), columns=result.class_names)
+        per_window.insert(0, "end_s", [round(w.end_s, 2) for w in result.windows])
+        per_window.insert(0, "start_s", [round(w.start_s, 2) for w in result.windows])
+        mode = (f"multi-label, sigmoid ≥ {threshold:g}: {', '.join(result.predicted()) or 'none'}"
+                if multi_label else f"single-label: **{result.predicted()[0]}**")
+        info = describe_audio(audio) + f" — {len(names)} classes, {mode}"
+        return info, result.as_dict(), per_window

@@ -1,0 +1,78 @@
+"""The Gradio Blocks layout. ``build_demo`` wires components to :class:`app.handlers.Handlers`; it loads nothing."""
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from app.handlers import CAPTION_COLUMNS, WINDOW_CAPTION_COLUMNS, Handlers
+from engine.config import config_to_dict
+from engine.service import AudioScribe
+
+DEFAULT_CLASSES = "dog barking\nrain\nsiren\nspeech\nmusic\ncar engine\nbirds chirping\napplause"
+
+UNTRAINED_BANNER = (
+    "⚠️ **Untrained model.** This instance runs `{name}`, a CLAP with **random weights** (the offline default until "
+    "a trained bundle is installed). Every number below is computed for real, but on untrained weights it means "
+    "nothing. Start with `--profile laion` (or another trained CLAP) for meaningful results."
+)
+
+
+def header_markdown(service: AudioScribe) -> str:
+    s = service.status()
+    store = f"{s['datastore_size']:,} captions ({s['datastore_index']} index)" if s["datastore_size"] else "none"
+    return (f"# AudioScribe\nZero-shot audio captioning and classification with CLAP. Profile **{s['profile']}** · "
+            f"CLAP `{s['clap']}` ({s['embedding_dim']}-d, {s['sample_rate']} Hz, {s['device']}) · datastore: {store}")
+
+
+def build_demo(service: AudioScribe) -> gr.Blocks:
+    """The app for one loaded engine (shared by all users; per-user data lives in gr.State)."""
+    handlers = Handlers(service)
+    cfg = service.config
+    with gr.Blocks(title="AudioScribe") as demo:
+        gr.Markdown(header_markdown(service))
+        if service.clap.is_untrained:
+            gr.Markdown(UNTRAINED_BANNER.format(name=service.clap.name), elem_id="untrained-banner")
+
+        with gr.Tab("Caption"):
+            with gr.Row():
+                with gr.Column():
+                    caption_audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio")
+                    top_k = gr.Slider(1, 20, value=cfg.datastore.top_k, step=1, label="Captions to retrieve")
+                    caption_button = gr.Button("Describe", variant="primary")
+                with gr.Column():
+                    caption_info = gr.Markdown()
+                    gr.Markdown("Generated captions (DRCap) are not available in this version; the captions below "
+                                "are retrieved from the caption datastore by CLAP similarity.")
+                    caption_table = gr.Dataframe(headers=CAPTION_COLUMNS, label="Retrieved captions (whole clip)",
+                                                 interactive=False, wrap=True)
+                    window_table = gr.Dataframe(headers=WINDOW_CAPTION_COLUMNS, label="Per window", interactive=False,
+                                                wrap=True)
+            caption_button.click(handlers.retrieve, [caption_audio, top_k], [caption_info, caption_table, window_table],
+                                 api_name="retrieve")
+
+        with gr.Tab("Classify"):
+            with gr.Row():
+                with gr.Column():
+                    classify_audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio")
+                    class_names = gr.Textbox(DEFAULT_CLASSES, lines=8, label="Class names",
+                                             info="One per line or comma-separated")
+                    templates = gr.Textbox("\n".join(cfg.classify.templates), lines=2, label="Prompt templates",
+                                           info="One per line, {} marks the class name; several are averaged")
+                    with gr.Row():
+                        multi_label = gr.Checkbox(cfg.classify.multi_label, label="Multi-label (sigmoid)")
+                        threshold = gr.Slider(0.01, 0.99, value=cfg.classify.threshold, step=0.01,
+                                              label="Multi-label threshold")
+                    classify_button = gr.Button("Classify", variant="primary")
+                with gr.Column():
+                    classify_info = gr.Markdown()
+                    scores = gr.Label(num_top_classes=10, label="Scores (whole clip)")
+                    window_scores = gr.Dataframe(label="Scores per window", interactive=False)
+            classify_button.click(handlers.classify, [classify_audio, class_names, templates, multi_label, threshold],
+                                  [classify_info, scores, window_scores], api_name="classify")
+
+        with gr.Tab("Settings"):
+            gr.Markdown("The active configuration (change it with `--profile`, `--set section.field=value` or "
+                        "`AUDIOSCRIBE_SECTION__FIELD` environment variables).")
+            gr.Code(json.dumps(config_to_dict(cfg), indent=2), language="json", label="Configuration")
+    return demo

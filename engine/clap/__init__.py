@@ -1,0 +1,44 @@
+"""CLAP backends behind one interface (:class:`ClapBackend`), chosen by name from a registry."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.clap.base import ClapBackend, WindowEmbeddings, l2_normalize, pool_windows
+from engine.config import AppConfig
+from engine.errors import ConfigError
+
+BACKENDS: dict[str, Callable[[AppConfig], ClapBackend]] = {}
+
+
+def register_backend(name: str) -> Callable:
+    """Decorator: make a ``factory(config) -> ClapBackend`` available as ``clap.backend = name``."""
+    def wrap(factory: Callable[[AppConfig], ClapBackend]) -> Callable[[AppConfig], ClapBackend]:
+        BACKENDS[name] = factory
+        return factory
+    return wrap
+
+
+def create_clap(config: AppConfig) -> ClapBackend:
+    """Load the CLAP model the config names."""
+    if config.clap.backend not in BACKENDS:
+        raise ConfigError(f"Unknown CLAP backend {config.clap.backend!r}; available: {', '.join(sorted(BACKENDS))}")
+    return BACKENDS[config.clap.backend](config)
+
+
+@register_backend("hf")
+def _create_hf_clap(config: AppConfig) -> ClapBackend:
+    from engine.clap.hf import HFClapBackend
+    from engine.clap.tiny import TINY_CLAP_ID, ensure_tiny_clap
+
+    model = config.clap.model
+    if model == TINY_CLAP_ID:
+        model = str(ensure_tiny_clap(Path(config.resolved_cache_dir()) / "models"))
+    return HFClapBackend.from_pretrained(
+        model, audio_config=config.audio, device=config.clap.device, fp16=config.clap.fp16,
+        batch_size=config.clap.batch_size, text_batch_size=config.clap.text_batch_size,
+        max_text_tokens=config.clap.max_text_tokens)
+
+
+__all__ = ["BACKENDS", "ClapBackend", "WindowEmbeddings", "create_clap", "l2_normalize", "pool_windows",
+           "register_backend"]

@@ -1,0 +1,149 @@
+"""The interface every CLAP backend implements.
+
+A backend turns mono float32 audio at its own ``sample_rate`` and plain strings into unit-norm vectors of one shared
+``embedding_dim``. The base class does everything that is the same for all backends: cutting long clips into windows,
+batching windows across clips, pooling window embeddings, and batching texts. A backend only embeds one batch of
+windows no longer than ``max_window_s`` and one batch of texts.
+"""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.audio import Audio, Window, split_windows
+from engine.config import AudioConfig
+from engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WindowEmbeddings:
+    """The embeddings of one clip's windows and their pooled clip embedding."""
+
+    windows: list[Window]
+    embeddings: torch.Tensor  # [W, D] unit-norm, one row per window
+    pooled: torch.Tensor  # [D] unit-norm: mean of the window vectors, renormalised
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Unit-norm along ``dim`` in float32 (fp16 norms lose precision)."""
+    x = x.float()
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-12)
+
+
+def pool_windows(window_embeddings: torch.Tensor) -> torch.Tensor:
+    """[W, D] unit vectors -> [D]: their mean, renormalised (a direction average, not a length average)."""
+    return l2_normalize(window_embeddings.mean(dim=0))
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"clap.device is {device!r} but this machine has no usable CUDA device; use 'auto' or 'cpu'")
+    return resolved
+
+
+def fingerprint_tensors(tensors: Iterable[torch.Tensor], *extra: str) -> str:
+    """A short stable hash of weights (in float32 on the CPU, so it is the same on every device and dtype)."""
+    digest = hashlib.sha256()
+    for item in extra:
+        digest.update(item.encode())
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class ClapBackend(ABC):
+    """A CLAP model: ``embed_audio`` and ``embed_text`` into one unit-norm space.
+
+    Subclasses set ``name``, ``sample_rate``, ``embedding_dim``, ``max_window_s``, ``logit_scale``, ``fingerprint``,
+    ``device`` and implement :meth:`_embed_window_batch` and :meth:`_embed_text_batch`.
+    """
+
+    name: str  # what the model was loaded from: hub id or local directory
+    sample_rate: int  # audio must be mono float32 at this rate
+    embedding_dim: int  # D
+    max_window_s: float  # the longest audio the model sees in one pass
+    logit_scale: float  # multiplies audio-text cosine similarities into logits (1 / temperature)
+    fingerprint: str  # identifies the weights; datastores record it
+    is_untrained: bool = False  # True for randomly initialised weights (the UI says so)
+    device: torch.device
+
+    def __init__(self, audio_config: AudioConfig, batch_size: int, text_batch_size: int) -> None:
+        self.audio_config = audio_config
+        self.batch_size = batch_size
+        self.text_batch_size = text_batch_size
+
+    # --- what a backend implements -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _embed_window_batch(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+        """Windows of at most ``max_window_s`` -> [B, D] float32 unit-norm on the CPU."""
+
+    @abstractmethod
+    def _embed_text_batch(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> [B, D] float32 unit-norm on the CPU."""
+
+    # --- shared behaviour ----------------------------------------------------------------------------------------
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.logit_scale
+
+    def describe(self) -> str:
+        state = "UNTRAINED random weights" if self.is_untrained else "trained weights"
+        return (f"{self.name} ({type(self).__name__}, {state}, {self.embedding_dim}-d, {self.sample_rate} Hz, "
+                f"{self.device})")
+
+    def embed_text(self, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+        """Texts -> [B, D] float32 unit-norm on the CPU, in ``batch_size`` chunks."""
+        if isinstance(texts, str):
+            raise TypeError("embed_text takes a list of strings, not a single string")
+        size = batch_size or self.text_batch_size
+        if len(texts) == 0:
+            return torch.empty(0, self.embedding_dim)
+        chunks = [self._embed_text_batch(list(texts[i:i + size])) for i in range(0, len(texts), size)]
+        return torch.cat(chunks)
+
+    def embed_windows(self, clips: Sequence[Audio | np.ndarray], batch_size: int | None = None
+                      ) -> list[WindowEmbeddings]:
+        """Per-window and pooled embeddings of each clip (clips are mono float32 at ``sample_rate``).
+
+        Windows of all clips are batched together, so many short clips cost as few forward passes as possible.
+        """
+        self._check_window_config()
+        per_clip: list[tuple[list[np.ndarray], list[Window]]] = []
+        for clip in clips:
+            if isinstance(clip, Audio) and clip.sample_rate != self.sample_rate:
+                raise ValueError(f"Audio is at {clip.sample_rate} Hz but {self.name} needs {self.sample_rate} Hz; "
+                                 f"load it with load_audio(..., target_sample_rate={self.sample_rate})")
+            per_clip.append(split_windows(clip, self.sample_rate, window_s=self.audio_config.window_s,
+                                          hop_s=self.audio_config.hop_s, last_window=self.audio_config.last_window))
+        flat = [w for pieces, _ in per_clip for w in pieces]
+        size = batch_size or self.batch_size
+        vectors = torch.cat([self._embed_window_batch(flat[i:i + size]) for i in range(0, len(flat), size)]) \
+            if flat else torch.empty(0, self.embedding_dim)
+        results, offset = [], 0
+        for pieces, windows in per_clip:
+            rows = vectors[offset:offset + len(pieces)]  # [W, D]
+            offset += len(pieces)
+            results.append(WindowEmbeddings(windows=windows, embeddings=rows, pooled=pool_windows(rows)))
+        return results
+
+    def embed_audio(self, clips: Sequence[Audio | np.ndarray], batch_size: int | None = None) -> torch.Tensor:
+        """Clips -> [B, D] unit-norm clip embeddings (long clips: pooled over windows)."""
+        if len(clips) == 0:
+            return torch.empty(0, self.embedding_dim)
+        return torch.stack([w.pooled for w in self.embed_windows(clips, batch_size)])
+
+    def _check_window_config(self) -> None:
+        if self.audio_config.window_s > self.max_window_s + 1e-9:
+            raise ConfigError(f"audio.window_s is {self.audio_config.window_s} s but {self.name} sees at most "
+                              f"{self.max_window_s} s at once; lower audio.window_s")

@@ -1,0 +1,108 @@
+"""CLAP from Hugging Face transformers (``ClapModel``): LAION-CLAP checkpoints such as ``laion/clap-htsat-unfused``.
+
+Determinism: ``ClapFeatureExtractor`` crops clips longer than its 10-s window at random (``rand_trunc``) or picks
+random chunks (``fusion``). The base class never hands it more than one window of at most ``max_window_s``, so
+neither random path is ever taken and the same clip always gives the same embedding. Shorter windows are
+repeat-padded to 10 s by the extractor (LAION's ``repeatpad``), as in LAION-CLAP training.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.clap.base import ClapBackend, fingerprint_tensors, l2_normalize, resolve_device
+from engine.clap.tiny import UNTRAINED_MARKER
+from engine.config import AudioConfig
+from engine.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+class HFClapBackend(ClapBackend):
+    """``transformers.ClapModel`` + its feature extractor and tokenizer."""
+
+    def __init__(self, model, feature_extractor, tokenizer, *, name: str, audio_config: AudioConfig,
+                 device: torch.device, fp16: bool, batch_size: int, text_batch_size: int, max_text_tokens: int,
+                 is_untrained: bool = False) -> None:
+        super().__init__(audio_config, batch_size, text_batch_size)
+        # The fingerprint is taken from the float32 CPU weights, before any cast, so it is device-independent.
+        self.fingerprint = fingerprint_tensors(
+            [model.text_projection.linear1.weight, model.text_projection.linear2.weight,
+             model.audio_projection.linear1.weight, model.audio_projection.linear2.weight,
+             model.logit_scale_a, model.logit_scale_t], type(model).__name__)
+        self.dtype = torch.float16 if (fp16 and device.type == "cuda") else torch.float32
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.is_untrained = is_untrained
+        self.sample_rate = int(feature_extractor.sampling_rate)
+        self.max_window_s = float(feature_extractor.nb_max_samples) / self.sample_rate
+        self.embedding_dim = int(model.config.projection_dim)
+        # logits_per_audio = audio @ text.T * exp(logit_scale_a): the scale for classifying audio over texts.
+        self.logit_scale = float(model.logit_scale_a.detach().float().exp())
+        # Room for <s> and </s>; RoBERTa positions start after the padding index, hence the extra 2.
+        position_limit = int(model.config.text_config.max_position_embeddings) - 2
+        self.max_text_tokens = min(max_text_tokens, position_limit)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, audio_config: AudioConfig | None = None, device: str = "auto",
+                        fp16: bool = True, batch_size: int = 16, text_batch_size: int = 256,
+                        max_text_tokens: int = 77) -> HFClapBackend:
+        """Load from a hub id (cached or downloadable) or a local directory written by ``save_pretrained``."""
+        from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+
+        torch_device = resolve_device(device)
+        try:
+            model = ClapModel.from_pretrained(name_or_path, dtype=torch.float32)
+            feature_extractor = ClapFeatureExtractor.from_pretrained(name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(_explain_load_failure(name_or_path, e)) from e
+        # Fused checkpoints expect 4-channel "fusion" features; unfused ones one channel (see module docstring).
+        fused = bool(getattr(model.config.audio_config, "enable_fusion", False))
+        feature_extractor.truncation = "fusion" if fused else "rand_trunc"
+        untrained = Path(name_or_path, UNTRAINED_MARKER).is_file()
+        backend = cls(model, feature_extractor, tokenizer, name=name_or_path,
+                      audio_config=audio_config or AudioConfig(), device=torch_device, fp16=fp16,
+                      batch_size=batch_size, text_batch_size=text_batch_size, max_text_tokens=max_text_tokens,
+                      is_untrained=untrained)
+        log.info("Loaded CLAP %s", backend.describe())
+        return backend
+
+    @torch.inference_mode()
+    def _embed_window_batch(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+        limit = self.feature_extractor.nb_max_samples
+        assert all(len(w) <= limit for w in windows), "windows longer than the model's window would be cropped"
+        features = self.feature_extractor(list(windows), sampling_rate=self.sample_rate, return_tensors="pt")
+        input_features = features["input_features"].to(self.device, self.dtype)  # [B, 1 or 4, frames, mels]
+        is_longer = features["is_longer"].to(self.device)  # [B, 1], all False here
+        pooled = self.model.audio_model(input_features=input_features, is_longer=is_longer).pooler_output
+        return l2_normalize(self.model.audio_projection(pooled)).cpu()  # [B, D]
+
+    @torch.inference_mode()
+    def _embed_text_batch(self, texts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_tokens,
+                                return_tensors="pt").to(self.device)
+        pooled = self.model.text_model(input_ids=tokens["input_ids"],
+                                       attention_mask=tokens["attention_mask"]).pooler_output
+        return l2_normalize(self.model.text_projection(pooled)).cpu()  # [B, D]
+
+
+def _explain_load_failure(name_or_path: str, error: Exception) -> str:
+    if Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~")):
+        return (f"Could not load a CLAP model from {name_or_path!r}: {error}. The folder must hold what "
+                "ClapModel.save_pretrained and the processor's save_pretrained write (config.json, weights, "
+                "preprocessor_config.json, tokenizer files).")
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    hint = ("HF_HUB_OFFLINE is set, so only the local cache is used"
+            if offline else "the hub could not be reached or the id does not exist")
+    return (f"Could not load CLAP {name_or_path!r}: {hint} ({type(error).__name__}: {error}). Download it once "
+            f"where there is internet (`hf download {name_or_path}`), copy the folder here and set clap.model to "
+            "that folder, or use the offline profile (clap.model = \"builtin:tiny-random\").")

@@ -1,0 +1,103 @@
+"""A tiny, randomly initialised CLAP that is built locally in about a second.
+
+It exists for two reasons: tests need a real ``ClapModel`` without downloading weights, and the app needs something
+to run on a machine with no internet before the trained demo bundle exists. Its weights are random: the folder
+carries an ``UNTRAINED_MARKER`` file and every backend loaded from it reports ``is_untrained``, which the UI shows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_CLAP_ID = "builtin:tiny-random"
+TINY_CLAP_VERSION = 1  # bump when the recipe below changes, so cached copies are rebuilt
+UNTRAINED_MARKER = "audioscribe_untrained.json"
+
+# Text the tokenizer's byte-level BPE is trained on: the everyday vocabulary of sound captions.
+_TOKENIZER_CORPUS = """
+a man speaks while a woman talks and children laugh in the background
+a dog barks repeatedly and a cat meows while birds chirp and sing
+rain falls on a roof as thunder rumbles and wind blows through trees
+a car engine revs and accelerates then a horn honks and tires screech
+a siren wails as an emergency vehicle passes by on a busy street
+water flows and splashes in a stream while frogs croak nearby
+people clap and cheer while music plays and a crowd applauds
+a train horn blows and a train passes on railroad tracks with a bell ringing
+an airplane flies overhead with a loud jet engine roar
+a baby cries and a woman speaks softly then footsteps walk on wood
+a door opens and closes with a creak then a knock and a telephone rings
+typing on a keyboard with mouse clicks and a printer running
+a helicopter hovers as a motorcycle drives by and a bus stops
+an insect buzzes while a rooster crows and sheep bleat and cows moo
+glass breaks and dishes clatter while a vacuum cleaner hums
+someone snores and coughs and sneezes then whistles a tune
+an alarm clock beeps and a bell dings as a microphone gives feedback
+guitar drums piano violin and a choir sing a song with a beat
+ocean waves crash on the shore while seagulls call in the distance
+fire crackles and sizzles as food fries in a pan with a hiss
+""".split("\n")
+
+
+def build_tiny_clap(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random ``ClapModel``, its feature extractor and tokenizer to ``directory``; return the path."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer()
+    config = ClapConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=80, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        audio_config=dict(patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[2, 2], hidden_size=32,
+                          window_size=8, spec_size=256, num_mel_bins=64, enable_fusion=False),
+        projection_dim=32,
+    )
+    torch.manual_seed(seed)
+    model = ClapModel(config).eval()
+    model.save_pretrained(directory)
+    ClapFeatureExtractor(truncation="rand_trunc").save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / UNTRAINED_MARKER).write_text(json.dumps(
+        {"what": "randomly initialised tiny CLAP; embeddings carry no meaning", "seed": seed,
+         "recipe_version": TINY_CLAP_VERSION}, indent=2))
+    return directory
+
+
+def ensure_tiny_clap(models_dir: str | os.PathLike) -> Path:
+    """The cached tiny CLAP under ``models_dir``, built on first use (atomically, so a crash leaves no half copy)."""
+    target = Path(models_dir) / f"tiny-random-clap-v{TINY_CLAP_VERSION}"
+    if (target / UNTRAINED_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-clap-", dir=target.parent))
+    try:
+        build_tiny_clap(staging)
+        if target.exists():  # a concurrent process finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _train_tokenizer():
+    """A RoBERTa-style byte-level BPE tokenizer trained on the corpus above (milliseconds)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizer  # tokenizers-backed in transformers 5
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([line for line in _TOKENIZER_CORPUS if line], vocab_size=600, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = bpe.save_model(tmp)
+        vocab = json.loads(Path(vocab_file).read_text())
+        merges = [tuple(line.split(" ")) for line in Path(merges_file).read_text().splitlines()[1:] if line]
+    return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=77)

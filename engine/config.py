@@ -1,0 +1,268 @@
+"""The one place for AudioScribe's settings and their defaults.
+
+Settings are plain dataclasses grouped by concern. An :class:`AppConfig` is assembled from, in increasing priority:
+the defaults below, a profile file (TOML, ``assets/profiles/<name>.toml`` or any path), environment variables
+``AUDIOSCRIBE_<SECTION>__<FIELD>`` and ``--set section.field=value`` command-line overrides. Values are
+type-checked against the dataclass field types, so a typo fails loudly instead of being ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import get_origin, get_type_hints
+
+from engine.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Hugging Face Spaces): the same parser, packaged separately
+    import tomli as tomllib
+
+WINDOW_POLICIES = ("shift", "keep", "drop")
+
+
+@dataclass
+class AudioConfig:
+    """How audio is decoded and cut into model windows."""
+
+    max_duration_s: float = 1800.0  # refuse longer inputs (30 minutes) before decoding them in full
+    window_s: float = 10.0  # CLAP models see at most this much audio at once
+    hop_s: float = 10.0  # distance between window starts; < window_s gives overlapping windows
+    # What to do with the tail when the clip is not a whole number of hops long:
+    #   "shift": the last window is moved back so that it ends at the clip's end (full length, may overlap)
+    #   "keep":  the last window is shorter than window_s
+    #   "drop":  the partial tail is ignored (unless it is the only window)
+    last_window: str = "shift"
+
+
+@dataclass
+class ClapConfig:
+    """Which CLAP model embeds audio and text, and where it runs."""
+
+    backend: str = "hf"  # a name registered in engine.clap (see engine.clap.BACKENDS)
+    # Hub id, local directory, or "builtin:tiny-random" (a tiny untrained CLAP built on first use, for offline runs).
+    model: str = "laion/clap-htsat-unfused"
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    fp16: bool = True  # half precision on CUDA; ignored on CPU, where fp16 is slow and inexact
+    batch_size: int = 16  # audio windows per forward pass
+    text_batch_size: int = 256  # texts per forward pass
+    max_text_tokens: int = 77  # longer captions are truncated, as in LAION-CLAP training
+
+
+@dataclass
+class DatastoreConfig:
+    """The caption datastore used for retrieval (and, later, as DRCap's projection support)."""
+
+    path: str = ""  # directory of a saved datastore; built from `sources` on first start if it does not exist
+    sources: list[str] = field(default_factory=list)  # caption files: AudioCaps-style CSV, DRCap jsonl, or .txt
+    csv_column: str = "caption"
+    jsonl_field: str = "target"
+    exact_max_size: int = 200_000  # above this many captions an approximate (IVF) index is used
+    ivf_nlist: int = 0  # IVF cells; 0 picks 4*sqrt(N)
+    ivf_nprobe: int = 32  # IVF cells visited per query: higher is slower and closer to exact
+    chunk_size: int = 2048  # captions embedded per chunk while building
+    top_k: int = 5  # captions shown per query
+
+
+@dataclass
+class ClassifyConfig:
+    """Zero-shot classification defaults."""
+
+    templates: list[str] = field(default_factory=lambda: ["This is a sound of {}."])
+    multi_label: bool = False
+    threshold: float = 0.5  # multi-label decision threshold on the sigmoid score
+    max_classes: int = 1000
+
+
+@dataclass
+class ServerConfig:
+    """How the Gradio app is served."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    max_upload_mb: int = 500
+
+
+@dataclass
+class AppConfig:
+    """Everything a running AudioScribe needs; see :func:`load_config`."""
+
+    profile: str = "offline"
+    cache_dir: str = ""  # where built models and datastores are cached; "" = $AUDIOSCRIBE_CACHE or ~/.cache/audioscribe
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    clap: ClapConfig = field(default_factory=ClapConfig)
+    datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("AUDIOSCRIBE_CACHE", "~/.cache/audioscribe")).expanduser()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loading
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = PROJECT_ROOT / "assets" / "profiles"
+DEFAULT_PROFILE = "offline"
+ENV_PREFIX = "AUDIOSCRIBE_"
+_SECTIONS = ("audio", "clap", "datastore", "classify", "server")
+# Fields holding file-system paths: relative values in a profile file are resolved against that file's folder.
+_PATH_FIELDS = {("datastore", "path"), ("datastore", "sources")}
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles shipped in assets/profiles."""
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def load_config(
+    profile: str | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> AppConfig:
+    """Build an AppConfig from a profile, the environment and ``section.field=value`` overrides.
+
+    ``profile`` is a shipped profile name (see :func:`list_profiles`) or a path to a TOML file; ``None`` takes
+    ``$AUDIOSCRIBE_PROFILE`` or the default profile. Later sources win: profile < environment < overrides.
+    """
+    environ = os.environ if environ is None else environ
+    profile = profile or environ.get(ENV_PREFIX + "PROFILE") or DEFAULT_PROFILE
+    profile_path = _find_profile(profile)
+    config = AppConfig(profile=profile_path.stem)
+    with open(profile_path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"Profile {profile_path} is not valid TOML: {e}") from e
+    _apply_mapping(config, data, origin=str(profile_path), base_dir=profile_path.parent)
+    for key, raw in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            section, name = key[len(ENV_PREFIX):].lower().split("__", 1)
+            set_field(config, f"{section}.{name}", raw, origin=f"environment variable {key}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like section.field=value, e.g. clap.device=cpu")
+        dotted, raw = item.split("=", 1)
+        set_field(config, dotted.strip(), raw.strip(), origin=f"override {item!r}")
+    return config
+
+
+def set_field(config: AppConfig, dotted: str, raw: object, origin: str = "", base_dir: Path | None = None) -> None:
+    """Set ``section.field`` (or a top-level field) from a raw value, converting strings to the field's type."""
+    parts = dotted.split(".")
+    target: object = config
+    for part in parts[:-1]:
+        if part not in _SECTIONS or not hasattr(target, part):
+            raise ConfigError(f"Unknown setting section {part!r} in {origin}; sections are {', '.join(_SECTIONS)}")
+        target = getattr(target, part)
+    name = parts[-1]
+    types = get_type_hints(type(target))
+    if name not in {f.name for f in fields(target)} or name in _SECTIONS:
+        known = ", ".join(f.name for f in fields(target) if f.name not in _SECTIONS)
+        raise ConfigError(f"Unknown setting {dotted!r} in {origin}; known here: {known}")
+    value = _coerce(raw, types[name], dotted, origin)
+    if base_dir is not None and (parts[0], name) in _PATH_FIELDS:
+        value = _resolve_paths(value, base_dir)
+    setattr(target, name, value)
+    _validate(config)
+
+
+def config_to_dict(config: AppConfig) -> dict:
+    """Plain-dict view of a config (for logs, manifests and the app's settings panel)."""
+    return asdict(config)
+
+
+def _find_profile(profile: str) -> Path:
+    candidate = Path(profile).expanduser()
+    if candidate.suffix == ".toml" or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"Profile file {candidate} does not exist")
+        return candidate
+    shipped = PROFILES_DIR / f"{profile}.toml"
+    if not shipped.is_file():
+        raise ConfigError(f"Unknown profile {profile!r}; shipped profiles: {', '.join(list_profiles())}, "
+                          "or give a path to a .toml file")
+    return shipped
+
+
+def _apply_mapping(config: AppConfig, data: Mapping, origin: str, base_dir: Path) -> None:
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            for name, inner in value.items():
+                set_field(config, f"{key}.{name}", inner, origin=origin, base_dir=base_dir)
+        else:
+            set_field(config, key, value, origin=origin, base_dir=base_dir)
+
+
+def _resolve_paths(value: str | list[str], base_dir: Path) -> str | list[str]:
+    def one(p: str) -> str:
+        if not p:
+            return p
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+    return [one(p) for p in value] if isinstance(value, list) else one(value)
+
+
+def _coerce(raw: object, annotation: object, dotted: str, origin: str) -> object:
+    """Convert ``raw`` to the annotated type; strings (env vars, flags) are parsed, other values type-checked."""
+    where = f"{dotted} (from {origin})" if origin else dotted
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[raw.strip().lower()]
+        raise ConfigError(f"{where} must be true or false, got {raw!r}")
+    if annotation in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where} must be a number, got {raw!r}")
+        try:
+            if annotation is int and isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return annotation(raw) if not isinstance(raw, str) else annotation(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{where} must be {'an integer' if annotation is int else 'a number'}, "
+                              f"got {raw!r}") from None
+    if annotation is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where} must be a string, got {raw!r}")
+        return raw
+    if get_origin(annotation) is list:
+        if isinstance(raw, str):
+            text = raw.strip()
+            items = json.loads(text) if text.startswith("[") else [s for s in text.split(",")]
+            raw = [s.strip() for s in items if str(s).strip()]
+        if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+            raise ConfigError(f"{where} must be a list of strings, got {raw!r}")
+        return list(raw)
+    raise ConfigError(f"{where}: unsupported setting type {annotation!r}")  # a programming error, said clearly
+
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _validate(config: AppConfig) -> None:
+    a = config.audio
+    if a.last_window not in WINDOW_POLICIES:
+        raise ConfigError(f"audio.last_window must be one of {', '.join(WINDOW_POLICIES)}, got {a.last_window!r}")
+    for name, value in (("audio.window_s", a.window_s), ("audio.hop_s", a.hop_s),
+                        ("audio.max_duration_s", a.max_duration_s)):
+        if not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    for name, value in (("clap.batch_size", config.clap.batch_size),
+                        ("clap.text_batch_size", config.clap.text_batch_size),
+                        ("datastore.chunk_size", config.datastore.chunk_size),
+                        ("datastore.top_k", config.datastore.top_k),
+                        ("classify.max_classes", config.classify.max_classes)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if not 0.0 < config.classify.threshold < 1.0:
+        raise ConfigError(f"classify.threshold must be between 0 and 1, got {config.classify.threshold}")

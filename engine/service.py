@@ -1,0 +1,129 @@
+"""The engine as one object: a loaded CLAP, the caption datastore and the settings, with the operations the app,
+the command-line tools and scripts call. Nothing here knows about Gradio.
+
+One :class:`AudioScribe` is shared by every user of an app process; it holds only models and data that are the same
+for everyone. Anything a user creates (uploads, edits, tuned prompts) lives in the caller's per-user state.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from engine.audio import Audio, AudioSource, Window, load_audio
+from engine.clap import ClapBackend, create_clap
+from engine.classifier import Classification, ZeroShotClassifier, build_zero_shot_classifier, classify_audio
+from engine.config import AppConfig
+from engine.datastore import CaptionDatastore, SearchResult
+from engine.errors import DatastoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Retrieval:
+    """Captions retrieved for one clip: for the whole clip (pooled embedding) and for each window."""
+
+    clip: SearchResult  # one query: the pooled clip embedding
+    windows: list[Window]
+    per_window: SearchResult  # one query per window
+
+
+class AudioScribe:
+    """CLAP + caption datastore + config."""
+
+    def __init__(self, config: AppConfig, clap: ClapBackend, datastore: CaptionDatastore | None) -> None:
+        self.config = config
+        self.clap = clap
+        self.datastore = datastore
+
+    @classmethod
+    def from_config(cls, config: AppConfig, show_progress: bool = True) -> AudioScribe:
+        """Load the configured CLAP, then open (or build once and cache) the configured datastore."""
+        clap = create_clap(config)
+        return cls(config, clap, open_datastore(config, clap, show_progress=show_progress))
+
+    # --- operations --------------------------------------------------------------------------------------------------
+
+    def load(self, source: AudioSource) -> Audio:
+        """Decode any supported input to mono float32 at the CLAP's sample rate, within the duration limit."""
+        return load_audio(source, self.clap.sample_rate, max_duration_s=self.config.audio.max_duration_s)
+
+    def retrieve(self, audio: Audio, k: int | None = None) -> Retrieval:
+        """Top-k datastore captions for the clip and for each of its windows."""
+        if self.datastore is None:
+            raise DatastoreError("No caption datastore is configured (datastore.path / datastore.sources)")
+        embedded = self.clap.embed_windows([audio])[0]
+        k = k or self.config.datastore.top_k
+        return Retrieval(clip=self.datastore.search(embedded.pooled.unsqueeze(0), k), windows=embedded.windows,
+                         per_window=self.datastore.search(embedded.embeddings, k))
+
+    def classifier(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> ZeroShotClassifier:
+        return build_zero_shot_classifier(self.clap, class_names, templates or self.config.classify.templates,
+                                          max_classes=self.config.classify.max_classes)
+
+    def classify(self, audio: Audio, class_names: Sequence[str], templates: Sequence[str] | None = None, *,
+                 multi_label: bool | None = None, threshold: float | None = None) -> Classification:
+        cfg = self.config.classify
+        return classify_audio(self.clap, self.classifier(class_names, templates), audio,
+                              multi_label=cfg.multi_label if multi_label is None else multi_label,
+                              threshold=cfg.threshold if threshold is None else threshold)
+
+    def status(self) -> dict[str, object]:
+        """What is loaded, for logs and the app's header."""
+        store = self.datastore
+        return {
+            "profile": self.config.profile,
+            "clap": self.clap.name,
+            "clap_untrained": self.clap.is_untrained,
+            "embedding_dim": self.clap.embedding_dim,
+            "sample_rate": self.clap.sample_rate,
+            "device": str(self.clap.device),
+            "datastore_size": len(store) if store else 0,
+            "datastore_index": store.manifest.index_type if store else "none",
+        }
+
+
+def open_datastore(config: AppConfig, clap: ClapBackend, show_progress: bool = True) -> CaptionDatastore | None:
+    """The datastore the config names.
+
+    ``datastore.path`` set and present: load it (refused if another CLAP built it). Set but absent: build it from
+    ``datastore.sources`` and save it there. Unset: build from the sources into the cache, keyed by the CLAP and the
+    sources' contents, so later starts just load it. No path and no sources: no datastore.
+    """
+    ds = config.datastore
+    if ds.path and (Path(ds.path) / "manifest.json").is_file():
+        return CaptionDatastore.load(ds.path, clap, ds)
+    if not ds.sources:
+        if ds.path:
+            raise DatastoreError(f"datastore.path {ds.path} holds no datastore and datastore.sources is empty")
+        return None
+    target = Path(ds.path) if ds.path else _cache_path(config, clap)
+    if (target / "manifest.json").is_file():
+        return CaptionDatastore.load(target, clap, ds)
+    log.info("Building the caption datastore from %s into %s (once)", ", ".join(ds.sources), target)
+    store = CaptionDatastore.from_files(ds.sources, clap, ds, show_progress=show_progress)
+    store.save(target)
+    return store
+
+
+def _cache_path(config: AppConfig, clap: ClapBackend) -> Path:
+    digest = hashlib.sha256(clap.fingerprint.encode())
+    for source in config.datastore.sources:
+        digest.update(Path(source).read_bytes() if os.path.isfile(source) else source.encode())
+    for setting in (config.datastore.csv_column, config.datastore.jsonl_field):
+        digest.update(setting.encode())
+    return config.resolved_cache_dir() / "datastores" / digest.hexdigest()[:16]
+
+
+def top_caption_rows(result: SearchResult, row: int = 0) -> list[tuple[int, str, float]]:
+    """(rank, caption, cosine) rows of one query of a search result, for tables and exports."""
+    return [(rank + 1, caption, round(float(score), 4))
+            for rank, (caption, score) in enumerate(zip(result.captions[row], result.scores[row]))]
+
+
+__all__ = ["AudioScribe", "Retrieval", "open_datastore", "top_caption_rows"]
