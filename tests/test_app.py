@@ -1,0 +1,97 @@
+"""The Gradio app, driven through gradio_client against a launched server (as a remote user would)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from app.ui import UNTRAINED_BANNER, build_demo
+from engine.config import AppConfig
+from engine.service import AudioScribe
+from tests.helpers import noise_clip, small_caption_set
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_clap_dir) -> AudioScribe:
+    root = tmp_path_factory.mktemp("app")
+    captions = root / "captions.txt"
+    captions.write_text("\n".join(small_caption_set(500)) + "\n")
+    config = AppConfig(cache_dir=str(root / "cache"))
+    config.clap.model, config.clap.device = str(tiny_clap_dir), "cpu"
+    config.datastore.sources = [str(captions)]
+    return AudioScribe.from_config(config, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    demo = build_demo(service)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    client = Client(demo.local_url, verbose=False)
+    yield client
+    client.close()
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("audio") / "two_tones.wav"
+    sf.write(path, np.stack([noise_clip(4.0, 44_100), noise_clip(4.0, 44_100, seed=1)], axis=1), 44_100)
+    return str(path)
+
+
+def test_every_event_has_an_api_name(service):
+    demo = build_demo(service)
+    names = {dep.get("api_name") for dep in demo.config["dependencies"]}
+    assert {"retrieve", "classify"} <= names and None not in names
+
+
+def test_untrained_weights_are_labelled(service):
+    demo = build_demo(service)
+    markdown = [c["props"].get("value") for c in demo.config["components"] if c.get("type") == "markdown"]
+    assert UNTRAINED_BANNER.format(name=service.clap.name) in markdown
+
+
+def test_retrieve_returns_the_engines_captions(client, service, wav):
+    info, table, windows = client.predict(handle_file(wav), 3, api_name="/retrieve")
+    assert "2 channels averaged to mono" in info and "resampled 44100 Hz -> 48000 Hz" in info
+    expected = service.retrieve(service.load(wav), 3).clip
+    assert [row[1] for row in table["data"]] == expected.captions[0]
+    np.testing.assert_allclose([row[2] for row in table["data"]], expected.scores[0], atol=1e-4)
+    assert [row[0] for row in table["data"]] == [1, 2, 3]
+    assert len(windows["data"]) == 1 and windows["data"][0][1:3] == [0.0, 4.0]
+
+
+def test_classify_returns_scores_for_the_typed_classes(client, service, wav):
+    info, label, per_window = client.predict(handle_file(wav), "dog\nrain, siren", "This is a sound of {}.", False,
+                                             0.5, api_name="/classify")
+    scores = {c["label"]: c["confidence"] for c in label["confidences"]}
+    expected = service.classify(service.load(wav), ["dog", "rain", "siren"]).as_dict()
+    assert scores.keys() == expected.keys()
+    for name in expected:
+        assert scores[name] == pytest.approx(expected[name], abs=1e-6)
+    assert label["label"] == max(expected, key=expected.get)
+    assert "3 classes, single-label" in info
+    assert per_window["headers"] == ["start_s", "end_s", "dog", "rain", "siren"]
+
+
+def test_bad_input_shows_a_clear_message(client, tmp_path, wav):
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio")
+    with pytest.raises(AppError, match="Could not decode 'notes.wav'"):
+        client.predict(handle_file(str(not_audio)), 3, api_name="/retrieve")
+    with pytest.raises(AppError, match="Type at least one class name"):
+        client.predict(handle_file(wav), " , ", "This is a sound of {}.", False, 0.5,
+                       api_name="/classify")
+
+
+def test_bad_template_and_empty_clip_messages(client, tmp_path):
+    silent = tmp_path / "empty.wav"
+    sf.write(silent, np.zeros((0,), dtype=np.float32), 16_000)
+    with pytest.raises(AppError, match="no samples|no audio|empty"):
+        client.predict(handle_file(str(silent)), 3, api_name="/retrieve")
+    ok = tmp_path / "ok.wav"
+    sf.write(ok, noise_clip(1.0, 16_000), 16_000)
+    with pytest.raises(AppError, match="exactly one"):
+        client.predict(handle_file(str(ok)), "dog", "no slot here", False, 0.5, api_name="/classify")
