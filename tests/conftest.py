@@ -5,12 +5,14 @@ Tests never touch the network (HF_HUB_OFFLINE) or the user's cache (AUDIOSCRIBE_
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-os.environ.setdefault("AUDIOSCRIBE_CACHE", tempfile.mkdtemp(prefix="audioscribe-test-cache-"))
+_TEST_CACHE = tempfile.mkdtemp(prefix="audioscribe-test-cache-")
+os.environ["AUDIOSCRIBE_CACHE"] = _TEST_CACHE
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -18,6 +20,10 @@ import pytest  # noqa: E402
 from engine.clap.hf import HFClapBackend  # noqa: E402
 from engine.clap.tiny import build_tiny_clap  # noqa: E402
 from engine.config import AudioConfig  # noqa: E402
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(_TEST_CACHE, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def tiny_clap_dir(tmp_path_factory) -> Path:
