@@ -41,6 +41,11 @@ def create_demo(config: AppConfig) -> gr.Blocks:
 
 
 def launch_kwargs(config: AppConfig) -> dict:
-    return dict(server_name=config.server.host, server_port=config.server.port, share=config.server.share,
-                max_file_size=f"{config.server.max_upload_mb}mb")
+    """Arguments for ``demo.launch``; host and port are passed only when set, so GRADIO_SERVER_NAME/PORT apply."""
+    kwargs = dict(share=config.server.share, max_file_size=f"{config.server.max_upload_mb}mb")
+    if config.server.host:
+        kwargs["server_name"] = config.server.host
+    if config.server.port:
+        kwargs["server_port"] = config.server.port
+    return kwargs
 

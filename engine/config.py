@@ -82,8 +82,8 @@ class ClassifyConfig:
 class ServerConfig:
     """How the Gradio app is served."""
 
-    host: str = "127.0.0.1"
-    port: int = 7860
+    host: str = ""  # "" = Gradio's default: $GRADIO_SERVER_NAME (Spaces set it) or 127.0.0.1
+    port: int = 0  # 0 = Gradio's default: $GRADIO_SERVER_PORT or 7860
     share: bool = False
     max_upload_mb: int = 500
 
