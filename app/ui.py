@@ -1,7 +1,9 @@
 """The Gradio Blocks layout. ``build_demo`` wires components to :class:`app.handlers.Handlers`; it loads nothing."""
 from __future__ import annotations
 
+import html
 import json
+from pathlib import Path
 
 import gradio as gr
 
@@ -9,12 +11,15 @@ from app.handlers import CAPTION_COLUMNS, WINDOW_CAPTION_COLUMNS, Handlers
 from engine.config import config_to_dict
 from engine.service import AudioScribe
 
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 DEFAULT_CLASSES = "dog barking\nrain\nsiren\nspeech\nmusic\ncar engine\nbirds chirping\napplause"
 
 UNTRAINED_BANNER = (
-    "⚠️ **Untrained model.** This instance runs `{name}`, a CLAP with **random weights** (the offline default until "
-    "a trained bundle is installed). Every number below is computed for real, but on untrained weights it means "
-    "nothing. Start with `--profile laion` (or another trained CLAP) for meaningful results."
+    '<div id="untrained-banner" role="alert" style="background:#fff4e5;border:2px solid #f59e0b;border-radius:8px;'
+    'padding:10px 14px;color:#7c2d12">⚠️ <b>Untrained model.</b> This instance runs <code>{name}</code>, a CLAP '
+    "with <b>random weights</b> (the offline default until a trained bundle is installed). Every number below is "
+    "computed for real, but on untrained weights it means nothing. Start with <code>--profile laion</code> (or "
+    "another trained CLAP) for meaningful results.</div>"
 )
 
 
@@ -25,6 +30,11 @@ def header_markdown(service: AudioScribe) -> str:
             f"CLAP `{s['clap']}` ({s['embedding_dim']}-d, {s['sample_rate']} Hz, {s['device']}) · datastore: {store}")
 
 
+def example_clips() -> list[list[str]]:
+    """The shipped example clips (speech wav, siren ogg, rain flac; see assets/examples/make_examples.sh)."""
+    return [[str(p)] for p in sorted(EXAMPLES_DIR.iterdir()) if p.suffix in (".wav", ".ogg", ".flac")]
+
+
 def build_demo(service: AudioScribe) -> gr.Blocks:
     """The app for one loaded engine (shared by all users; per-user data lives in gr.State)."""
     handlers = Handlers(service)
@@ -32,7 +42,7 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
     with gr.Blocks(title="AudioScribe") as demo:
         gr.Markdown(header_markdown(service))
         if service.clap.is_untrained:
-            gr.Markdown(UNTRAINED_BANNER.format(name=service.clap.name), elem_id="untrained-banner")
+            gr.HTML(UNTRAINED_BANNER.format(name=html.escape(service.clap.name)))
 
         with gr.Tab("Caption"):
             with gr.Row():
@@ -40,6 +50,7 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
                     caption_audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio")
                     top_k = gr.Slider(1, 20, value=cfg.datastore.top_k, step=1, label="Captions to retrieve")
                     caption_button = gr.Button("Describe", variant="primary")
+                    gr.Examples(example_clips(), inputs=[caption_audio], label="Synthesized example clips")
                 with gr.Column():
                     caption_info = gr.Markdown()
                     gr.Markdown("Generated captions (DRCap) are not available in this version; the captions below "
@@ -64,6 +75,7 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
                         threshold = gr.Slider(0.01, 0.99, value=cfg.classify.threshold, step=0.01,
                                               label="Multi-label threshold")
                     classify_button = gr.Button("Classify", variant="primary")
+                    gr.Examples(example_clips(), inputs=[classify_audio], label="Synthesized example clips")
                 with gr.Column():
                     classify_info = gr.Markdown()
                     scores = gr.Label(num_top_classes=10, label="Scores (whole clip)")

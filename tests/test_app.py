@@ -49,8 +49,9 @@ def test_every_event_has_an_api_name(service):
 
 def test_untrained_weights_are_labelled(service):
     demo = build_demo(service)
-    markdown = [c["props"].get("value") for c in demo.config["components"] if c.get("type") == "markdown"]
-    assert UNTRAINED_BANNER.format(name=service.clap.name) in markdown
+    shown = [c["props"].get("value") for c in demo.config["components"] if c.get("type") == "html"]
+    assert UNTRAINED_BANNER.format(name=service.clap.name) in shown
+    assert "random weights" in UNTRAINED_BANNER
 
 
 def test_retrieve_returns_the_engines_captions(client, service, wav):
@@ -95,3 +96,12 @@ def test_bad_template_and_empty_clip_messages(client, tmp_path):
     sf.write(ok, noise_clip(1.0, 16_000), 16_000)
     with pytest.raises(AppError, match="exactly one"):
         client.predict(handle_file(str(ok)), "dog", "no slot here", False, 0.5, api_name="/classify")
+
+
+def test_trained_weights_get_no_banner(service):
+    import copy
+
+    trained = copy.copy(service.clap)
+    trained.is_untrained = False
+    demo = build_demo(AudioScribe(service.config, trained, service.datastore))
+    assert not [c for c in demo.config["components"] if "untrained-banner" in str(c["props"].get("value", ""))]
