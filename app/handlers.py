@@ -9,6 +9,7 @@ import functools
 from collections.abc import Callable
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 
 from engine.audio import Audio
@@ -17,6 +18,7 @@ from engine.errors import AudioScribeError
 from engine.service import AudioScribe, top_caption_rows
 
 CAPTION_COLUMNS = ["rank", "caption", "similarity"]
+MAX_WINDOW_COLUMNS = 10  # per-window table: the best classes only, so 500 class names stay readable
 WINDOW_CAPTION_COLUMNS = ["window", "start_s", "end_s", "best caption", "similarity"]
 
 
@@ -76,10 +78,14 @@ class Handlers:
         names = parse_class_names(class_text or "")
         templates = [t for t in (template_text or "").splitlines() if t.strip()] or None
         result = self.service.classify(audio, names, templates, multi_label=multi_label, threshold=threshold)
-        per_window = pd.DataFrame(result.window_scores.astype(float).round(4), columns=result.class_names)
+        best = np.argsort(-result.scores, kind="stable")[:MAX_WINDOW_COLUMNS]  # columns: best clip-level classes
+        per_window = pd.DataFrame(result.window_scores[:, best].astype(float).round(4),
+                                  columns=[result.class_names[i] for i in best])
         per_window.insert(0, "end_s", [round(w.end_s, 2) for w in result.windows])
         per_window.insert(0, "start_s", [round(w.start_s, 2) for w in result.windows])
         mode = (f"multi-label, sigmoid ≥ {threshold:g}: {', '.join(result.predicted()) or 'none'}"
                 if multi_label else f"single-label: **{result.predicted()[0]}**")
         info = describe_audio(audio) + f" — {len(names)} classes, {mode}"
+        if len(names) > MAX_WINDOW_COLUMNS:
+            info += f" (per-window table: the {MAX_WINDOW_COLUMNS} best classes)"
         return info, result.as_dict(), per_window

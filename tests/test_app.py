@@ -74,7 +74,8 @@ def test_classify_returns_scores_for_the_typed_classes(client, service, wav):
         assert scores[name] == pytest.approx(expected[name], abs=1e-6)
     assert label["label"] == max(expected, key=expected.get)
     assert "3 classes, single-label" in info
-    assert per_window["headers"] == ["start_s", "end_s", "dog", "rain", "siren"]
+    best_first = sorted(expected, key=expected.get, reverse=True)
+    assert per_window["headers"] == ["start_s", "end_s", *best_first]
 
 
 def test_bad_input_shows_a_clear_message(client, tmp_path, wav):
@@ -105,3 +106,26 @@ def test_trained_weights_get_no_banner(service):
     trained.is_untrained = False
     demo = build_demo(AudioScribe(service.config, trained, service.datastore))
     assert not [c for c in demo.config["components"] if "untrained-banner" in str(c["props"].get("value", ""))]
+
+
+def test_many_classes_keep_the_window_table_readable(client, wav):
+    names = [f"class {i}" for i in range(500)]
+    info, label, per_window = client.predict(handle_file(wav), "\n".join(names), "This is a sound of {}.", False,
+                                             0.5, api_name="/classify")
+    assert "500 classes" in info and "the 10 best classes" in info
+    assert len(per_window["headers"]) == 2 + 10 and len(label["confidences"]) == 10
+
+
+def test_app_script_help_and_bad_profile():
+    import subprocess
+    import sys
+
+    from tests.helpers import PROJECT_ROOT
+
+    shown = subprocess.run([sys.executable, "app.py", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert shown.returncode == 0 and "--profile" in shown.stdout and "--set" in shown.stdout
+    bad = subprocess.run([sys.executable, "app.py", "--profile", "nope"], cwd=PROJECT_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("or give a path to a .toml file")
+    assert "error: Unknown profile 'nope'" in bad.stderr and "Traceback" not in bad.stderr
