@@ -18,6 +18,7 @@ from engine.errors import AudioScribeError
 from engine.service import AudioScribe, top_caption_rows
 
 CAPTION_COLUMNS = ["rank", "caption", "similarity"]
+WINDOW_DESCRIBE_COLUMNS = ["window", "start_s", "end_s", "generated caption", "best retrieved caption", "similarity"]
 MAX_WINDOW_COLUMNS = 10  # per-window table: the best classes only, so 500 class names stay readable
 WINDOW_CAPTION_COLUMNS = ["window", "start_s", "end_s", "best caption", "similarity"]
 
@@ -69,6 +70,29 @@ class Handlers:
             columns=WINDOW_CAPTION_COLUMNS)
         info = describe_audio(audio) + f" — {len(found.windows)} window(s) of up to {self.service.config.audio.window_s:g} s"
         return info, clip, windows
+
+    @user_errors
+    def describe(self, audio_path: str | None, k: float) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
+        """Audio -> (info line, generated caption, retrieved captions for the clip, per-window captions)."""
+        audio = self._load(audio_path)
+        found = self.service.retrieve(audio, int(k))
+        captions = self.service.caption(audio) if self.service.captioner else None
+        clip = pd.DataFrame(top_caption_rows(found.clip), columns=CAPTION_COLUMNS)
+        rows = []
+        for i, w in enumerate(found.windows):
+            generated = captions.per_window[i].caption if captions and captions.per_window else (
+                captions.clip.caption if captions else "")
+            rows.append((w.index + 1, round(w.start_s, 2), round(w.end_s, 2), generated,
+                         found.per_window.captions[i][0], round(float(found.per_window.scores[i][0]), 4)))
+        windows = pd.DataFrame(rows, columns=WINDOW_DESCRIBE_COLUMNS)
+        info = describe_audio(audio) + f" — {len(found.windows)} window(s) of up to {self.service.config.audio.window_s:g} s"
+        if captions:
+            timings = ", ".join(f"{name} {ms:.0f} ms" for name, ms in captions.timings_ms.items())
+            info += f"  \nCaptioning time: {timings}"
+            text = captions.clip.caption or "(the model produced an empty caption)"
+        else:
+            text = "Captioning is off in this profile (caption.enabled = false): retrieved captions only."
+        return info, text, clip, windows
 
     @user_errors
     def classify(self, audio_path: str | None, class_text: str, template_text: str, multi_label: bool,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.handlers import CAPTION_COLUMNS, WINDOW_CAPTION_COLUMNS, Handlers
+from app.handlers import CAPTION_COLUMNS, WINDOW_DESCRIBE_COLUMNS, Handlers
 from engine.config import config_to_dict
 from engine.service import AudioScribe
 
@@ -16,11 +16,24 @@ DEFAULT_CLASSES = "dog barking\nrain\nsiren\nspeech\nmusic\ncar engine\nbirds ch
 
 UNTRAINED_BANNER = (
     '<div id="untrained-banner" role="alert" style="background:#fff4e5;border:2px solid #f59e0b;border-radius:8px;'
-    'padding:10px 14px;color:#7c2d12">⚠️ <b>Untrained model.</b> This instance runs <code>{name}</code>, a CLAP '
-    "with <b>random weights</b> (the offline default until a trained bundle is installed). Every number below is "
-    "computed for real, but on untrained weights it means nothing. Start with <code>--profile laion</code> (or "
-    "another trained CLAP) for meaningful results.</div>"
+    'padding:10px 14px;color:#7c2d12">⚠️ <b>Untrained weights.</b> {parts}. Every number and caption below is '
+    "computed for real, but on untrained weights it means nothing (this is the offline default until a trained "
+    "bundle is installed). Start with <code>--profile laion</code> or <code>--profile drcap</code> for meaningful "
+    "results.</div>"
 )
+
+
+def untrained_parts(service: AudioScribe) -> list[str]:
+    """Which loaded models have random weights, in words for the banner."""
+    parts = []
+    if service.clap.is_untrained:
+        parts.append(f"The CLAP <code>{html.escape(service.clap.name)}</code> has random weights")
+    captioner = service.captioner
+    if captioner is not None and captioner.llm.is_untrained:
+        parts.append(f"the LLM <code>{html.escape(captioner.llm.name)}</code> has random weights")
+    if captioner is not None and not captioner.trained:
+        parts.append("the DRCap mapping network is untrained (no caption.checkpoint)")
+    return parts
 
 
 def header_markdown(service: AudioScribe) -> str:
@@ -41,26 +54,33 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
     cfg = service.config
     with gr.Blocks(title="AudioScribe") as demo:
         gr.Markdown(header_markdown(service))
-        if service.clap.is_untrained:
-            gr.HTML(UNTRAINED_BANNER.format(name=html.escape(service.clap.name)))
+        parts = untrained_parts(service)
+        if parts:
+            gr.HTML(UNTRAINED_BANNER.format(parts="; ".join(parts)))
+        if service.captioner is not None and service.captioner.llm.notice:
+            gr.Markdown(f"ℹ️ {service.captioner.llm.notice}")
 
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():
                     caption_audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio")
                     top_k = gr.Slider(1, 20, value=cfg.datastore.top_k, step=1, label="Captions to retrieve")
-                    caption_button = gr.Button("Describe", variant="primary")
+                    with gr.Row():
+                        caption_button = gr.Button("Describe", variant="primary")
+                        retrieve_button = gr.Button("Retrieve only")
                     gr.Examples(example_clips(), inputs=[caption_audio], label="Synthesized example clips")
                 with gr.Column():
                     caption_info = gr.Markdown()
-                    gr.Markdown("Generated captions (DRCap) are not available in this version; the captions below "
-                                "are retrieved from the caption datastore by CLAP similarity.")
+                    generated = gr.Textbox(label="Generated caption (DRCap, whole clip)", interactive=False)
                     caption_table = gr.Dataframe(headers=CAPTION_COLUMNS, label="Retrieved captions (whole clip)",
                                                  interactive=False, wrap=True)
-                    window_table = gr.Dataframe(headers=WINDOW_CAPTION_COLUMNS, label="Per window", interactive=False,
-                                                wrap=True)
-            caption_button.click(handlers.retrieve, [caption_audio, top_k], [caption_info, caption_table, window_table],
-                                 api_name="retrieve")
+                    window_table = gr.Dataframe(headers=WINDOW_DESCRIBE_COLUMNS, label="Per window",
+                                                interactive=False, wrap=True)
+            caption_button.click(handlers.describe, [caption_audio, top_k],
+                                 [caption_info, generated, caption_table, window_table], api_name="describe")
+            # Retrieval alone, for API clients that do not need the (slower) generated caption.
+            retrieve_button.click(handlers.retrieve, [caption_audio, top_k], [caption_info, caption_table, window_table],
+                                  api_name="retrieve")
 
         with gr.Tab("Classify"):
             with gr.Row():

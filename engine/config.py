@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import get_origin, get_type_hints
 
@@ -51,6 +51,9 @@ class ClapConfig:
     batch_size: int = 16  # audio windows per forward pass
     text_batch_size: int = 256  # texts per forward pass
     max_text_tokens: int = 77  # longer captions are truncated, as in LAION-CLAP training
+    # Text tokenizer for backends whose checkpoint does not carry one, e.g. drcap: a hub id like roberta-base or a
+    # local folder; empty = the backend's default.
+    tokenizer: str = ""
 
 
 @dataclass
@@ -79,6 +82,45 @@ class ClassifyConfig:
 
 
 @dataclass
+class LLMConfig:
+    """The language model DRCap decodes with, and its LoRA adapters."""
+
+    # Hub id, local folder, or "builtin:tiny-llama" (a tiny untrained Llama built on first use, for offline runs).
+    model: str = "lmsys/vicuna-7b-v1.5"
+    # "auto": nf4 on CUDA, none on CPU (said in the log and the UI); "nf4" and "int8" need bitsandbytes.
+    quantization: str = "auto"
+    device: str = "auto"
+    # Compute dtype. "auto": bfloat16 on CUDA and for large models on the CPU (a 7B model does not fit in RAM as
+    # float32), float32 for small models on the CPU.
+    dtype: str = "auto"
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class CaptionConfig:
+    """DRCap captioning: projection decoding, retrieval augmentation, prompt layout and generation."""
+
+    enabled: bool = True  # load the LLM and show generated captions
+    checkpoint: str = ""  # trained mapping network + LoRA (folder from trainers.train_drcap, or DRCap's model.pt)
+    support: str = ""  # projection support: "" = the datastore's captions; or a datastore folder or [N, D] tensor file
+    projection: bool = True  # project the audio embedding onto the support (DRCap's PD); False feeds it directly
+    temperature: float = 0.0  # PD softmax temperature; 0 = the CLAP's own temperature (DRCap)
+    renormalize: bool = False  # L2-normalise the projected embedding (DRCap does not)
+    use_rag: bool = True  # retrieved captions in the prompt (with rag_first=false: the "Similar audios" sentence)
+    rag_first: bool = True  # retrieved captions as a separate segment before the soft token (DRCap's default)
+    rag_k: int = 3
+    instruction: str = "Describe the audio you hear."
+    mapping_hidden: int = 2048  # mapping network: CLAP dim -> mapping_hidden -> ReLU -> LLM hidden size
+    num_beams: int = 4
+    max_new_tokens: int = 200
+    repetition_penalty: float = 1.0
+    batch_size: int = 4
+
+
+@dataclass
 class ServerConfig:
     """How the Gradio app is served."""
 
@@ -98,6 +140,8 @@ class AppConfig:
     clap: ClapConfig = field(default_factory=ClapConfig)
     datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def resolved_cache_dir(self) -> Path:
@@ -113,9 +157,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = PROJECT_ROOT / "assets" / "profiles"
 DEFAULT_PROFILE = "offline"
 ENV_PREFIX = "AUDIOSCRIBE_"
-_SECTIONS = ("audio", "clap", "datastore", "classify", "server")
+_SECTIONS = ("audio", "clap", "datastore", "classify", "llm", "caption", "server")
+QUANTIZATIONS = ("auto", "nf4", "int8", "none")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
 # Fields holding file-system paths: relative values in a profile file are resolved against that file's folder.
-_PATH_FIELDS = {("datastore", "path"), ("datastore", "sources")}
+_PATH_FIELDS = {("datastore", "path"), ("datastore", "sources"), ("caption", "checkpoint"), ("caption", "support")}
+# Fields that hold a hub id or a path: only values starting with ./ or ../ are paths relative to the profile file.
+_MAYBE_PATH_FIELDS = {("clap", "model"), ("clap", "tokenizer"), ("llm", "model")}
 
 
 def list_profiles() -> list[str]:
@@ -169,7 +217,8 @@ def set_field(config: AppConfig, dotted: str, raw: object, origin: str = "", bas
         known = ", ".join(f.name for f in fields(target) if f.name not in _SECTIONS)
         raise ConfigError(f"Unknown setting {dotted!r} in {origin}; known here: {known}")
     value = _coerce(raw, types[name], dotted, origin)
-    if base_dir is not None and (parts[0], name) in _PATH_FIELDS:
+    if base_dir is not None and ((parts[0], name) in _PATH_FIELDS or (
+            (parts[0], name) in _MAYBE_PATH_FIELDS and str(value).startswith(("./", "../")))):
         value = _resolve_paths(value, base_dir)
     setattr(target, name, value)
     _validate(config)
@@ -264,5 +313,78 @@ def _validate(config: AppConfig) -> None:
                         ("classify.max_classes", config.classify.max_classes)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
+    if config.llm.quantization not in QUANTIZATIONS:
+        raise ConfigError(f"llm.quantization must be one of {', '.join(QUANTIZATIONS)}, got {config.llm.quantization!r}")
+    if config.llm.dtype not in DTYPES:
+        raise ConfigError(f"llm.dtype must be one of {', '.join(DTYPES)}, got {config.llm.dtype!r}")
+    for name, value in (("caption.rag_k", config.caption.rag_k), ("caption.num_beams", config.caption.num_beams),
+                        ("caption.max_new_tokens", config.caption.max_new_tokens),
+                        ("caption.batch_size", config.caption.batch_size), ("llm.lora_r", config.llm.lora_r)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if config.caption.temperature < 0:
+        raise ConfigError(f"caption.temperature must be >= 0 (0 = the CLAP's own), got {config.caption.temperature}")
     if not 0.0 < config.classify.threshold < 1.0:
         raise ConfigError(f"classify.threshold must be between 0 and 1, got {config.classify.threshold}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training settings (the same dataclass system; the models come from an AppConfig profile)
+
+
+@dataclass
+class DrcapTrainConfig:
+    """Text-only DRCap training. Defaults are DRCap's (drcap.md §2.6) unless a comment says otherwise."""
+
+    train: str = ""  # DRCap jsonl (target, text, similar_captions) or any caption file (retrieval is then computed)
+    val: str = ""  # the same for validation; "" = hold out val_fraction of train
+    out: str = "runs/drcap"  # checkpoints: out/best (lowest val loss), out/last (+ training state, for resume)
+    use_peft: bool = True  # LoRA on the LLM (r/alpha/dropout/targets from the llm section)
+    freeze_llm: bool = True  # with use_peft=false: true trains the mapping network only, false the whole LLM too
+    use_rag: bool = True
+    rag_first: bool = True
+    instruction: str = "Describe the audio you hear."
+    mapping_hidden: int = 2048
+    noise_std: float = 0.0  # Gaussian noise on the text embedding (CapDec-style); DRCap uses none
+    band_low: float = 0.75  # training retrieval band (for caption files without similar_captions)
+    band_high: float = 0.85
+    rag_k: int = 3
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    total_steps: int = 40000  # linear decay to 0 at this step; training stops there or after `epochs`
+    epochs: int = 4
+    batch_size: int = 4
+    grad_accum: int = 1
+    mixed_precision: str = "auto"  # auto (fp16 on CUDA, none on CPU) | fp16 | bf16 | no
+    val_every: int = 1000  # optimizer steps between validations
+    val_fraction: float = 0.05
+    log_every: int = 10
+    shuffle: bool = True  # DRCap's single-GPU run does not shuffle; shuffling (seeded) is the better default
+    seed: int = 1234
+    resume: bool = False  # continue from out/last
+    stop_after: int = 0  # end this run after N optimizer steps, saving out/last (0 = run to the end); --resume later
+    max_val_samples: int = 0  # 0 = the whole validation set
+
+
+def dataclass_to_argparse(parser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One ``--field-name`` option per dataclass field, parsed as a string and converted by :func:`fill_dataclass`."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="VALUE",
+                            help=f"default: {default!r}")
+
+
+def fill_dataclass(cls: type, values: Mapping[str, object], origin: str = "command line") -> object:
+    """An instance of ``cls`` with the given (string or typed) values converted and type-checked."""
+    instance = cls()
+    types = get_type_hints(cls)
+    for name, raw in values.items():
+        if raw is None:
+            continue
+        if name not in types:
+            raise ConfigError(f"Unknown setting {name!r} in {origin}")
+        setattr(instance, name, _coerce(raw, types[name], name, origin))
+    return instance

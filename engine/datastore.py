@@ -62,7 +62,12 @@ def read_captions(path: str | os.PathLike, csv_column: str = "caption", jsonl_fi
 
 
 def _read_jsonl(path: Path, field_name: str) -> list[str]:
-    captions = []
+    return [record[field_name] for record in read_jsonl_records(path, required=(field_name,))]
+
+
+def read_jsonl_records(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict]:
+    """Objects of a jsonl file (blank lines skipped); each must hold the ``required`` string fields."""
+    records = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
@@ -71,11 +76,35 @@ def _read_jsonl(path: Path, field_name: str) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DatastoreError(f"{path}:{line_number} is not valid JSON: {e}") from e
-            if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
-                raise DatastoreError(f"{path}:{line_number} has no string field {field_name!r} "
-                                     "(set datastore.jsonl_field / --jsonl-field)")
-            captions.append(record[field_name])
-    return captions
+            for name in required:
+                if not isinstance(record, dict) or not isinstance(record.get(name), str):
+                    raise DatastoreError(f"{path}:{line_number} has no string field {name!r} "
+                                         "(set datastore.jsonl_field / --jsonl-field)")
+            records.append(record)
+    return records
+
+
+def read_caption_records(path: str | os.PathLike, csv_column: str = "caption", jsonl_field: str = "target"
+                         ) -> list[dict]:
+    """DRCap-style records ``{key, target, text}`` from any caption file (jsonl keeps its other fields).
+
+    Keys: jsonl ``key``, else CSV ``audiocap_id``/``key``/``youtube_id``, else ``<file stem>_<row>``.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        records = read_jsonl_records(path, required=(jsonl_field,))
+        return [{**r, "key": str(r.get("key", f"{path.stem}_{i}")), "target": r[jsonl_field],
+                 "text": r.get("text") or r[jsonl_field]} for i, r in enumerate(records)]
+    captions = read_captions(path, csv_column, jsonl_field)
+    keys = [f"{path.stem}_{i}" for i in range(len(captions))]
+    if path.suffix.lower() in (".csv", ".tsv"):
+        table = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=str,
+                            keep_default_na=False)
+        key_column = next((c for c in ("key", "audiocap_id", "youtube_id") if c in table.columns), None)
+        if key_column:
+            keys = table[key_column].tolist()
+    return [{"key": k, "target": normalize_caption(c), "text": normalize_caption(c)}
+            for k, c in zip(keys, captions) if normalize_caption(c)]
 
 
 def normalize_caption(caption: str) -> str:
@@ -93,6 +122,24 @@ def unique_captions(captions: Iterable[str], already: set[str] | frozenset[str] 
             seen.add(caption)
             result.append(caption)
     return result
+
+
+def band_neighbours(queries: np.ndarray, keys: np.ndarray, low: float = 0.75, high: float = 0.85, k: int = 3,
+                    seed: int = 0, chunk_size: int = 1024) -> list[list[int]]:
+    """For each query, up to ``k`` random rows of ``keys`` with ``low < cosine < high`` (DRCap's training retrieval).
+
+    queries [Q, D] and keys [N, D] are unit-norm. The band's upper bound excludes the query's own caption and near
+    copies. Sampling is seeded (DRCap's is not), and a single candidate is kept (DRCap drops it by accident).
+    Similarities are computed ``chunk_size`` queries at a time, so memory stays at chunk_size x N.
+    """
+    rng = np.random.default_rng(seed)
+    chosen: list[list[int]] = []
+    for start in range(0, len(queries), chunk_size):
+        sims = queries[start:start + chunk_size] @ keys.T  # [chunk, N]
+        for row in sims:
+            candidates = np.flatnonzero((row > low) & (row < high))
+            chosen.append(rng.permutation(candidates)[:k].tolist())
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -157,7 +204,7 @@ class CaptionDatastore:
         unique = unique_captions(captions)
         if not unique:
             raise DatastoreError("No captions to build a datastore from (all empty?)")
-        embeddings = _embed_in_chunks(clap, unique, config.chunk_size, show_progress, progress)
+        embeddings = embed_captions(clap, unique, config.chunk_size, show_progress, progress)
         now = _now()
         manifest = DatastoreManifest(clap_name=clap.name, clap_fingerprint=clap.fingerprint,
                                      embedding_dim=clap.embedding_dim, size=len(unique),
@@ -191,7 +238,7 @@ class CaptionDatastore:
         new = unique_captions(captions, already=self._positions.keys())
         if not new:
             return 0
-        vectors = _embed_in_chunks(clap, new, self.config.chunk_size, show_progress, progress)
+        vectors = embed_captions(clap, new, self.config.chunk_size, show_progress, progress)
         start = len(self.captions)
         self.captions.extend(new)
         self.caption_sources.extend([source] * len(new))
@@ -300,8 +347,8 @@ class CaptionDatastore:
         return store
 
 
-def _embed_in_chunks(clap: ClapBackend, captions: Sequence[str], chunk_size: int, show_progress: bool,
-                     progress: ProgressCallback | None) -> np.ndarray:
+def embed_captions(clap: ClapBackend, captions: Sequence[str], chunk_size: int = 2048, show_progress: bool = False,
+                   progress: ProgressCallback | None = None) -> np.ndarray:
     """[N, D] float32 embeddings written chunk by chunk into one preallocated array (bounded peak memory)."""
     out = np.empty((len(captions), clap.embedding_dim), dtype=np.float32)
     with tqdm(total=len(captions), desc="Embedding captions", unit="cap", disable=not show_progress) as bar:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 
 from engine.audio import Audio, AudioSource, Window, load_audio
+from engine.captioner import Captioner, ClipCaptions
 from engine.clap import ClapBackend, create_clap
 from engine.classifier import Classification, ZeroShotClassifier, build_zero_shot_classifier, classify_audio
 from engine.config import AppConfig
 from engine.datastore import CaptionDatastore, SearchResult
-from engine.errors import DatastoreError
+from engine.errors import DatastoreError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,20 @@ class Retrieval:
 class AudioScribe:
     """CLAP + caption datastore + config."""
 
-    def __init__(self, config: AppConfig, clap: ClapBackend, datastore: CaptionDatastore | None) -> None:
+    def __init__(self, config: AppConfig, clap: ClapBackend, datastore: CaptionDatastore | None,
+                 captioner: Captioner | None = None) -> None:
         self.config = config
         self.clap = clap
         self.datastore = datastore
+        self.captioner = captioner
 
     @classmethod
     def from_config(cls, config: AppConfig, show_progress: bool = True) -> AudioScribe:
-        """Load the configured CLAP, then open (or build once and cache) the configured datastore."""
+        """Load the configured CLAP, open (or build once and cache) the datastore, then the captioner if enabled."""
         clap = create_clap(config)
-        return cls(config, clap, open_datastore(config, clap, show_progress=show_progress))
+        datastore = open_datastore(config, clap, show_progress=show_progress)
+        captioner = Captioner.from_config(config, clap, datastore) if config.caption.enabled else None
+        return cls(config, clap, datastore, captioner)
 
     # --- operations --------------------------------------------------------------------------------------------------
 
@@ -61,6 +66,12 @@ class AudioScribe:
         k = k or self.config.datastore.top_k
         return Retrieval(clip=self.datastore.search(embedded.pooled.unsqueeze(0), k), windows=embedded.windows,
                          per_window=self.datastore.search(embedded.embeddings, k))
+
+    def caption(self, audio: Audio) -> ClipCaptions:
+        """DRCap captions for the clip (and per window for long clips)."""
+        if self.captioner is None:
+            raise ModelLoadError("Captioning is off in this profile (caption.enabled = false)")
+        return self.captioner.caption(audio)
 
     def classifier(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> ZeroShotClassifier:
         return build_zero_shot_classifier(self.clap, class_names, templates or self.config.classify.templates,
@@ -85,6 +96,9 @@ class AudioScribe:
             "device": str(self.clap.device),
             "datastore_size": len(store) if store else 0,
             "datastore_index": store.manifest.index_type if store else "none",
+            "captioner": self.captioner.describe() if self.captioner else "off",
+            "captioner_untrained": bool(self.captioner and self.captioner.is_untrained),
+            "llm_notice": self.captioner.llm.notice if self.captioner else "",
         }
 
 

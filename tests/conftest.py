@@ -40,3 +40,9 @@ def other_clap(tmp_path_factory) -> HFClapBackend:
     """Same architecture, different weights: stands for 'another CLAP'."""
     directory = build_tiny_clap(tmp_path_factory.mktemp("tiny-clap-other"), seed=1)
     return HFClapBackend.from_pretrained(str(directory), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from engine.llm import build_tiny_llama
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)

@@ -14,13 +14,15 @@ from tests.helpers import noise_clip, small_caption_set
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_clap_dir) -> AudioScribe:
+def service(tmp_path_factory, tiny_clap_dir, tiny_llama_dir) -> AudioScribe:
     root = tmp_path_factory.mktemp("app")
     captions = root / "captions.txt"
     captions.write_text("\n".join(small_caption_set(500)) + "\n")
     config = AppConfig(cache_dir=str(root / "cache"))
     config.clap.model, config.clap.device = str(tiny_clap_dir), "cpu"
     config.datastore.sources = [str(captions)]
+    config.llm.model = str(tiny_llama_dir)
+    config.caption.num_beams, config.caption.max_new_tokens = 1, 8
     return AudioScribe.from_config(config, show_progress=False)
 
 
@@ -44,14 +46,16 @@ def wav(tmp_path_factory) -> str:
 def test_every_event_has_an_api_name(service):
     demo = build_demo(service)
     names = {dep.get("api_name") for dep in demo.config["dependencies"]}
-    assert {"retrieve", "classify"} <= names and None not in names
+    assert {"describe", "retrieve", "classify"} <= names and None not in names
 
 
 def test_untrained_weights_are_labelled(service):
     demo = build_demo(service)
-    shown = [c["props"].get("value") for c in demo.config["components"] if c.get("type") == "html"]
-    assert UNTRAINED_BANNER.format(name=service.clap.name) in shown
-    assert "random weights" in UNTRAINED_BANNER
+    shown = " ".join(str(c["props"].get("value")) for c in demo.config["components"] if c.get("type") == "html")
+    assert "untrained-banner" in shown
+    assert f"The CLAP <code>{service.clap.name}</code> has random weights" in shown
+    assert f"the LLM <code>{service.captioner.llm.name}</code> has random weights" in shown
+    assert "the DRCap mapping network is untrained" in shown
 
 
 def test_retrieve_returns_the_engines_captions(client, service, wav):
@@ -62,6 +66,19 @@ def test_retrieve_returns_the_engines_captions(client, service, wav):
     np.testing.assert_allclose([row[2] for row in table["data"]], expected.scores[0], atol=1e-4)
     assert [row[0] for row in table["data"]] == [1, 2, 3]
     assert len(windows["data"]) == 1 and windows["data"][0][1:3] == [0.0, 4.0]
+
+
+def test_describe_shows_a_generated_caption_next_to_retrieved_ones(client, service, tmp_path):
+    path = tmp_path / "long.wav"
+    sf.write(path, noise_clip(14.0, 48_000), 48_000)
+    info, generated, table, windows = client.predict(handle_file(str(path)), 3, api_name="/describe")
+    expected = service.caption(service.load(str(path)))
+    assert generated == expected.clip.caption and generated
+    assert [row[1] for row in table["data"]] == service.retrieve(service.load(str(path)), 3).clip.captions[0]
+    assert "Captioning time: clap" in info and "generation" in info
+    assert windows["headers"][3] == "generated caption"
+    assert [row[3] for row in windows["data"]] == [r.caption for r in expected.per_window]
+    assert [row[1:3] for row in windows["data"]] == [[0.0, 10.0], [4.0, 14.0]]
 
 
 def test_classify_returns_scores_for_the_typed_classes(client, service, wav):
@@ -104,7 +121,7 @@ def test_trained_weights_get_no_banner(service):
 
     trained = copy.copy(service.clap)
     trained.is_untrained = False
-    demo = build_demo(AudioScribe(service.config, trained, service.datastore))
+    demo = build_demo(AudioScribe(service.config, trained, service.datastore, captioner=None))
     assert not [c for c in demo.config["components"] if "untrained-banner" in str(c["props"].get("value", ""))]
 
 

@@ -7,7 +7,7 @@ import soundfile as sf
 
 from engine.config import AppConfig
 from engine.datastore import CaptionDatastore
-from engine.errors import AudioTooLongError, DatastoreError
+from engine.errors import AudioTooLongError, DatastoreError, ModelLoadError
 from engine.service import AudioScribe, open_datastore
 from tests.helpers import noise_clip, small_caption_set
 
@@ -23,6 +23,7 @@ def make_config(tmp_path, tiny_clap_dir, caption_file, **datastore) -> AppConfig
     config = AppConfig(cache_dir=str(tmp_path / "cache"))
     config.clap.model, config.clap.device = str(tiny_clap_dir), "cpu"
     config.datastore.sources = [str(caption_file)]
+    config.caption.enabled = False  # captioning has its own tests (test_drcap.py, test_app.py)
     for key, value in datastore.items():
         setattr(config.datastore, key, value)
     return config
@@ -77,7 +78,9 @@ def test_retrieve_and_classify_a_file(tmp_path, tiny_clap_dir, caption_file):
     result = service.classify(audio, ["dog", "rain"], multi_label=False)
     assert result.scores.shape == (2,) and result.scores.sum() == pytest.approx(1.0, abs=1e-5)
     status = service.status()
-    assert status["clap_untrained"] is True and status["datastore_size"] == 400
+    assert status["clap_untrained"] is True and status["datastore_size"] == 400 and status["captioner"] == "off"
+    with pytest.raises(ModelLoadError, match="Captioning is off"):
+        service.caption(audio)
 
 
 def test_duration_limit_comes_from_the_config(tmp_path, tiny_clap_dir, caption_file):

@@ -40,5 +40,18 @@ def _create_hf_clap(config: AppConfig) -> ClapBackend:
         max_text_tokens=config.clap.max_text_tokens)
 
 
+@register_backend("drcap")
+def _create_drcap_clap(config: AppConfig) -> ClapBackend:
+    """DRCap's own CLAP (WavCaps ASE): clap.model is the checkpoint file, clap.tokenizer its RoBERTa tokenizer.
+
+    clap.max_text_tokens is not used: the model was trained on captions truncated to 30 tokens.
+    """
+    from engine.clap.drcap import DrcapClapBackend
+
+    return DrcapClapBackend.from_checkpoint(
+        config.clap.model, tokenizer=config.clap.tokenizer, device=config.clap.device, fp16=config.clap.fp16,
+        audio_config=config.audio, batch_size=config.clap.batch_size, text_batch_size=config.clap.text_batch_size)
+
+
 __all__ = ["BACKENDS", "ClapBackend", "WindowEmbeddings", "create_clap", "l2_normalize", "pool_windows",
            "register_backend"]

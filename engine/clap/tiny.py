@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 TINY_CLAP_ID = "builtin:tiny-random"
-TINY_CLAP_VERSION = 1  # bump when the recipe below changes, so cached copies are rebuilt
+TINY_CLAP_VERSION = 2  # bump when the recipe below changes, so cached copies are rebuilt
 UNTRAINED_MARKER = "audioscribe_untrained.json"
 
 # Text the tokenizer's byte-level BPE is trained on: the everyday vocabulary of sound captions.
@@ -49,7 +49,7 @@ def build_tiny_clap(directory: str | os.PathLike, seed: int = 0) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer()
+    tokenizer = train_caption_tokenizer()
     config = ClapConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=80, pad_token_id=tokenizer.pad_token_id,
@@ -60,6 +60,7 @@ def build_tiny_clap(directory: str | os.PathLike, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = ClapModel(config).eval()
+    _spread_weights(model, std=_SPREAD_STD)
     model.save_pretrained(directory)
     ClapFeatureExtractor(truncation="rand_trunc").save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -67,6 +68,21 @@ def build_tiny_clap(directory: str | os.PathLike, seed: int = 0) -> Path:
         {"what": "randomly initialised tiny CLAP; embeddings carry no meaning", "seed": seed,
          "recipe_version": TINY_CLAP_VERSION}, indent=2))
     return directory
+
+
+# With the default initialisation a random tower maps every input to almost the same direction (cosine ~0.999
+# between unrelated captions), which no trained CLAP does. Wider random matrices give a spread of similarities closer
+# to a trained model's (mean cosine ~0.85 between unrelated captions), so retrieval and training on the tiny model
+# exercise distinguishable embeddings. The weights remain random.
+_SPREAD_STD = 0.3
+
+
+def _spread_weights(model: torch.nn.Module, std: float) -> None:
+    with torch.no_grad():
+        for module in (model.text_model, model.text_projection, model.audio_model, model.audio_projection):
+            for parameter in module.parameters():
+                if parameter.dim() >= 2:
+                    parameter.normal_(0.0, std)
 
 
 def ensure_tiny_clap(models_dir: str | os.PathLike) -> Path:
@@ -88,8 +104,12 @@ def ensure_tiny_clap(models_dir: str | os.PathLike) -> Path:
     return target
 
 
-def _train_tokenizer():
-    """A RoBERTa-style byte-level BPE tokenizer trained on the corpus above (milliseconds)."""
+def train_caption_tokenizer():
+    """A RoBERTa-style byte-level BPE tokenizer trained on the corpus above (milliseconds).
+
+    Special tokens get RoBERTa's ids (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4), so tiny RoBERTa text towers built
+    for it (the tiny HF CLAP here, the tiny DRCap CLAP in engine.clap.drcap) use RoBERTa's padding index.
+    """
     from tokenizers import ByteLevelBPETokenizer
     from transformers import RobertaTokenizer  # tokenizers-backed in transformers 5
 
