@@ -82,6 +82,30 @@ class ClassifyConfig:
 
 
 @dataclass
+class PromptTuningConfig:
+    """Audio-free prompt tuning (AFPT, Li et al. ICASSP 2024). Defaults are the paper code's unless noted."""
+
+    prompt_len: int = 32  # vectors per prompt set (coarse and fine), shared across classes
+    init_std: float = 0.02
+    class_max_tokens: int = 24  # tokens for " <class name>" incl. special tokens (AFPT: 68 = 100 - 32)
+    caption_max_tokens: int = 77  # caption tokens for the frozen caption features (AFPT: 100)
+    token_temperature: float = 0.1  # softmax pooling over caption tokens / audio frames
+    mask_padding: bool = True  # deviation: padding gets -inf in the token softmax; False = AFPT's leaky 0-logit mask
+    double_embedding: bool = False  # True = AFPT's code: class tokens pass the embedding layer twice (see docs)
+    train_dropout: bool = True  # AFPT encodes the class prompts with the text tower in training mode (dropout on)
+    multi_label: bool = False  # ranking loss on raw cosines (AFPT's multi-label mode) instead of cross-entropy
+    ranking_scale: float = 5.0
+    lr: float = 2e-3
+    weight_decay: float = 0.01  # AdamW's default, as in AFPT (betas 0.9/0.98, eps 1e-6)
+    epochs: int = 10
+    batch_size: int = 24
+    seed: int = 0
+    min_texts_per_class: int = 16
+    max_texts_per_class: int = 128
+    logit_scale_max: float = 100.0  # AFPT clamps exp(logit_scale) to at most 100
+
+
+@dataclass
 class LLMConfig:
     """The language model DRCap decodes with, and its LoRA adapters."""
 
@@ -140,6 +164,7 @@ class AppConfig:
     clap: ClapConfig = field(default_factory=ClapConfig)
     datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -157,7 +182,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = PROJECT_ROOT / "assets" / "profiles"
 DEFAULT_PROFILE = "offline"
 ENV_PREFIX = "AUDIOSCRIBE_"
-_SECTIONS = ("audio", "clap", "datastore", "classify", "llm", "caption", "server")
+_SECTIONS = ("audio", "clap", "datastore", "classify", "tuning", "llm", "caption", "server")
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 # Fields holding file-system paths: relative values in a profile file are resolved against that file's folder.

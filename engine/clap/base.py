@@ -29,6 +29,53 @@ class WindowEmbeddings:
     pooled: torch.Tensor  # [D] unit-norm: mean of the window vectors, renormalised
 
 
+@dataclass
+class TokenizedText:
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L], 1 on real tokens
+
+
+class TextTower(ABC):
+    """The pieces of a CLAP text branch that prompt tuning needs (BERT/RoBERTa-style encoders, [CLS]-first).
+
+    Plain text embedding is ``project(sentence_features(encode(embed_words(ids), mask), mask))``, which must equal
+    ``ClapBackend.embed_text`` before normalisation. Prompt vectors are spliced into ``embed_words``' output after the
+    first token; ``encode`` adds position (and token-type) embeddings itself, exactly once.
+    """
+
+    hidden_size: int  # H of the token embeddings
+    device: torch.device
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> TokenizedText:
+        """Ids with the tokenizer's special tokens ([CLS] ... [SEP] / <s> ... </s>), on ``device``."""
+
+    @abstractmethod
+    def embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L, H]: word embeddings only (no position/type embeddings, no LayerNorm)."""
+
+    @abstractmethod
+    def embed_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L, H]: the whole embeddings module (word + position + type, LayerNorm), as AFPT's code
+        feeds to the encoder (which then adds positions again: its "double embedding")."""
+
+    @abstractmethod
+    def encode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H] last hidden states (the encoder adds position/type embeddings)."""
+
+    @abstractmethod
+    def sentence_features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> [B, H]: the backend's own sentence pooling (e.g. the [CLS] state, or HF CLAP's pooler)."""
+
+    @abstractmethod
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., D]: the text projection head (not normalised)."""
+
+    def frozen_parameters(self) -> list[torch.nn.Parameter]:
+        """Every weight the tower uses (for checks that tuning leaves them untouched)."""
+        return []
+
+
 def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Unit-norm along ``dim`` in float32 (fp16 norms lose precision)."""
     x = x.float()
@@ -91,6 +138,24 @@ class ClapBackend(ABC):
     def _embed_text_batch(self, texts: Sequence[str]) -> torch.Tensor:
         """Texts -> [B, D] float32 unit-norm on the CPU."""
 
+    def text_tower(self) -> TextTower:
+        """Access to the text branch for prompt tuning; backends that support it override this."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its text tower")
+
+    def _embed_frame_batch(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Windows -> per window [T, D] float32 unit-norm frame embeddings (time order) on the CPU."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose frame-level audio embeddings")
+
+    def embed_frames(self, clip: Audio | np.ndarray) -> tuple[list[Window], list[torch.Tensor]]:
+        """Frame-level embeddings of each window of one clip: (windows, [[T_w, D] per window])."""
+        self._check_window_config()
+        pieces, windows = split_windows(clip, self.sample_rate, window_s=self.audio_config.window_s,
+                                        hop_s=self.audio_config.hop_s, last_window=self.audio_config.last_window)
+        frames: list[torch.Tensor] = []
+        for i in range(0, len(pieces), self.batch_size):
+            frames.extend(self._embed_frame_batch(pieces[i:i + self.batch_size]))
+        return windows, frames
+
     # --- shared behaviour ----------------------------------------------------------------------------------------
 
     @property
@@ -109,8 +174,13 @@ class ClapBackend(ABC):
         size = batch_size or self.text_batch_size
         if len(texts) == 0:
             return torch.empty(0, self.embedding_dim)
-        chunks = [self._embed_text_batch(list(texts[i:i + size])) for i in range(0, len(texts), size)]
-        return torch.cat(chunks)
+        # Batch texts of similar length together: each batch is padded to its longest text, so mixing short and
+        # long captions wastes most of the compute (2.8x on AudioCaps, benchmarks/RESULTS.md). Rows go back in order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks = [self._embed_text_batch([texts[i] for i in order[j:j + size]]) for j in range(0, len(order), size)]
+        embedded = torch.empty(len(texts), self.embedding_dim)
+        embedded[torch.tensor(order)] = torch.cat(chunks)
+        return embedded
 
     def embed_windows(self, clips: Sequence[Audio | np.ndarray], batch_size: int | None = None
                       ) -> list[WindowEmbeddings]:

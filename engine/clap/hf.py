@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.clap.base import ClapBackend, fingerprint_tensors, l2_normalize, resolve_device
+from engine.clap.base import (
+    ClapBackend,
+    TextTower,
+    TokenizedText,
+    fingerprint_tensors,
+    l2_normalize,
+    resolve_device,
+)
 from engine.clap.tiny import UNTRAINED_MARKER
 from engine.config import AudioConfig
 from engine.errors import ModelLoadError
@@ -87,12 +94,63 @@ class HFClapBackend(ClapBackend):
         return l2_normalize(self.model.audio_projection(pooled)).cpu()  # [B, D]
 
     @torch.inference_mode()
+    def _embed_frame_batch(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """HTSAT frames: the final map, regrouped by HF to [B, C, 2 frequency, 32 time] for a 10-s window, averaged
+        over frequency, each of the 32 time steps (~0.32 s) projected by the audio head and L2-normalised (the
+        clip embedding is the average of the same map). Short windows are repeat-padded first, so their frames
+        cover the repeated audio too."""
+        features = self.feature_extractor(list(windows), sampling_rate=self.sample_rate, return_tensors="pt")
+        out = self.model.audio_model(input_features=features["input_features"].to(self.device, self.dtype),
+                                     is_longer=features["is_longer"].to(self.device))
+        frames = out.last_hidden_state.mean(dim=2).transpose(1, 2)  # [B, C, F, T] -> [B, T, C]
+        projected = l2_normalize(self.model.audio_projection(frames)).cpu()  # [B, T, D]
+        return list(projected)
+
+    def text_tower(self) -> HFClapTextTower:
+        return HFClapTextTower(self)
+
+    @torch.inference_mode()
     def _embed_text_batch(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_tokens,
                                 return_tensors="pt").to(self.device)
         pooled = self.model.text_model(input_ids=tokens["input_ids"],
                                        attention_mask=tokens["attention_mask"]).pooler_output
         return l2_normalize(self.model.text_projection(pooled)).cpu()  # [B, D]
+
+
+class HFClapTextTower(TextTower):
+    """RoBERTa text branch of ``ClapModel``: [CLS]-first, sentence feature = HF CLAP's pooler over the first token."""
+
+    def __init__(self, backend: HFClapBackend) -> None:
+        self.backend = backend
+        self.text_model = backend.model.text_model
+        self.projection = backend.model.text_projection
+        self.hidden_size = int(self.text_model.config.hidden_size)
+        self.device = backend.device
+
+    def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> TokenizedText:
+        tokens = self.backend.tokenizer(list(texts), padding="max_length" if pad_to_max else True, truncation=True,
+                                        max_length=max_length, return_tensors="pt")
+        return TokenizedText(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+
+    def embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model.embeddings.word_embeddings(input_ids)
+
+    def embed_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_model.embeddings(input_ids=input_ids)
+
+    def encode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # RoBERTa numbers positions of inputs_embeds 2, 3, ... as it does for real tokens before the padding.
+        return self.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+
+    def sentence_features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_model.pooler(hidden)  # dense + tanh over the first token, as ClapModel does
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projection(features)
+
+    def frozen_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.text_model.parameters()) + list(self.projection.parameters())
 
 
 def _explain_load_failure(name_or_path: str, error: Exception) -> str:

@@ -1,0 +1,343 @@
+"""Audio-free prompt tuning (AFPT): learn CLAP prompt vectors for a set of class names from captions alone.
+
+Reference: audio_free_prompt_tuning.md. Two sets of ``prompt_len`` vectors (coarse and fine), shared by all classes,
+are placed right after the first token of " <class name>" in the text tower's input, instead of a hand-written
+template. Training needs no audio: the frozen CLAP text embedding of a caption that mentions a class stands in for
+that class's audio embedding.
+
+- coarse: caption sentence embedding s vs coarse-prompted class embeddings t_c:   z = τ · cos(s, t_c)
+- fine:   caption token embeddings w_j vs fine-prompted class embeddings f_c, pooled over tokens with a softmax
+          (temperature 0.1):   u_c = Σ_j softmax_j(cos(w_j, f_c) / T) · cos(w_j, f_c),   z_f = τ · u_c
+- loss:   CE(z) + CE(z_f) (single-label) or the pairwise ranking hinge on raw cosines (multi-label)
+- audio:  the clip embedding takes s's place and frame embeddings take the tokens' place; logits are summed.
+
+Caption features come from the frozen encoder and are computed once, so a step only encodes the C class prompts
+(twice: coarse and fine). Only the prompt vectors receive gradients; the backbone is never modified.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.audio import Audio, Window
+from engine.clap.base import ClapBackend, TextTower
+from engine.config import PromptTuningConfig
+from engine.errors import AudioScribeError, ClassifierInputError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PROMPTS_FILE = "prompts.safetensors"
+META_FILE = "prompts.json"
+FORMAT = "audioscribe-prompts"
+ProgressCallback = Callable[[float, str], None]  # (fraction done, message)
+
+
+class TuningCancelled(AudioScribeError):
+    """Tuning was stopped by the caller (e.g. the user pressed Stop)."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prompted class embeddings
+
+
+def tokenize_classes(tower: TextTower, class_names: Sequence[str], max_tokens: int):
+    """' ' + name, as AFPT writes class strings (for byte-level BPE the leading space gives the mid-sentence form)."""
+    return tower.tokenize([" " + name for name in class_names], max_length=max_tokens)
+
+
+def insert_prompts(tokens: torch.Tensor, mask: torch.Tensor, prompts: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[C, L, H] token embeddings, [C, L] mask, [P, H] prompts -> [C, 1+P+L-1, H] and its mask.
+
+    The prompts go after the first token ([CLS] / <s>) and before the class-name tokens.
+    """
+    count = tokens.shape[0]
+    spliced = torch.cat([tokens[:, :1], prompts.unsqueeze(0).expand(count, -1, -1).to(tokens.dtype), tokens[:, 1:]],
+                        dim=1)
+    ones = torch.ones(count, prompts.shape[0], dtype=mask.dtype, device=mask.device)
+    return spliced, torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+
+
+def prompted_class_embeddings(tower: TextTower, class_ids: torch.Tensor, class_mask: torch.Tensor,
+                              prompts: torch.Tensor, double_embedding: bool = False) -> torch.Tensor:
+    """[C, D] (unnormalised) class embeddings with ``prompts`` [P, H] inserted; P may be 0."""
+    tokens = tower.embed_full(class_ids) if double_embedding else tower.embed_words(class_ids)  # [C, L, H]
+    inputs, mask = insert_prompts(tokens, class_mask, prompts)
+    hidden = tower.encode(inputs, mask)  # [C, 1+P+L-1, H]
+    return tower.project(tower.sentence_features(hidden, mask))  # [C, D]
+
+
+def softmax_pool(similarity: torch.Tensor, mask: torch.Tensor | None, temperature: float,
+                 mask_padding: bool = True) -> torch.Tensor:
+    """[B, L, C] cosines -> [B, C]: Σ_j softmax_j(S/T) · S over the valid positions.
+
+    ``mask`` [B, L] marks valid positions. With ``mask_padding`` padding is excluded; without it (AFPT's code)
+    padding gets logit 0 in the softmax and its raw similarity is still summed.
+    """
+    if mask is None:
+        weights = torch.softmax(similarity / temperature, dim=1)
+        return (weights * similarity).sum(dim=1)
+    valid = mask.unsqueeze(-1).to(similarity.dtype)  # [B, L, 1]
+    if mask_padding:
+        logits = (similarity / temperature).masked_fill(valid == 0, float("-inf"))
+        return (torch.softmax(logits, dim=1) * similarity * valid).sum(dim=1)
+    weights = torch.softmax(similarity * valid / temperature, dim=1)
+    return (weights * similarity).sum(dim=1)
+
+
+def ranking_loss(scores: torch.Tensor, labels: torch.Tensor, scale: float = 5.0, margin: float = 1.0) -> torch.Tensor:
+    """AFPT's multi-label loss: mean over the batch of Σ_{neg i, pos j} max(0, margin − scale·s_j + scale·s_i)."""
+    scaled = scale * scores  # [B, C]
+    diff = margin - scaled.unsqueeze(1) + scaled.unsqueeze(2)  # [B, i, j] = margin - s_j + s_i
+    pairs = (labels == 0).unsqueeze(2) & (labels == 1).unsqueeze(1)  # i negative, j positive
+    return (F.relu(diff) * pairs).sum(dim=(1, 2)).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# frozen caption features
+
+
+@dataclass
+class CaptionFeatures:
+    sentence: torch.Tensor  # [N, D] unit-norm
+    tokens: torch.Tensor  # [N, L, D] unit-norm token embeddings (positions after the first), float16 to save memory
+    mask: torch.Tensor  # [N, L]
+
+
+@torch.no_grad()
+def caption_features(tower: TextTower, texts: Sequence[str], max_tokens: int, batch_size: int = 64
+                     ) -> CaptionFeatures:
+    """Sentence and token embeddings of captions from the frozen text tower (eval mode), computed once."""
+    tokenized = tower.tokenize(list(texts), max_length=max_tokens)  # padded to the longest caption in the set
+    sentences, tokens = [], []
+    for start in range(0, len(texts), batch_size):
+        ids = tokenized.input_ids[start:start + batch_size]
+        mask = tokenized.attention_mask[start:start + batch_size]
+        hidden = tower.encode(tower.embed_words(ids), mask)  # [b, L, H]
+        sentences.append(F.normalize(tower.project(tower.sentence_features(hidden, mask)).float(), dim=-1).cpu())
+        tokens.append(F.normalize(tower.project(hidden[:, 1:]).float(), dim=-1).half().cpu())
+    return CaptionFeatures(torch.cat(sentences), torch.cat(tokens), tokenized.attention_mask[:, 1:].cpu())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tuned prompts
+
+
+@dataclass
+class TunedPrompts:
+    """Learned coarse and fine prompt vectors for a class list, tied to the CLAP they were tuned on."""
+
+    class_names: list[str]
+    coarse: torch.Tensor  # [P, H]
+    fine: torch.Tensor  # [P, H]
+    config: PromptTuningConfig
+    clap_name: str
+    clap_fingerprint: str
+    report: dict = field(default_factory=dict)  # texts per class, losses per epoch, time
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"coarse": self.coarse.contiguous().cpu(), "fine": self.fine.contiguous().cpu()},
+                  str(directory / PROMPTS_FILE))
+        meta = {"format": FORMAT, "version": 1, "class_names": self.class_names, "clap": {
+            "name": self.clap_name, "fingerprint": self.clap_fingerprint}, "config": asdict(self.config),
+            "report": self.report}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, clap: ClapBackend | None = None) -> TunedPrompts:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / META_FILE).is_file() or not (directory / PROMPTS_FILE).is_file():
+            raise ModelLoadError(f"{directory} holds no tuned prompts ({PROMPTS_FILE} + {META_FILE})")
+        meta = json.loads((directory / META_FILE).read_text())
+        tensors = load_file(str(directory / PROMPTS_FILE))
+        prompts = cls(meta["class_names"], tensors["coarse"], tensors["fine"], PromptTuningConfig(**meta["config"]),
+                      meta["clap"]["name"], meta["clap"]["fingerprint"], meta.get("report", {}))
+        if clap is not None:
+            prompts.check_compatible(clap)
+        return prompts
+
+    def check_compatible(self, clap: ClapBackend) -> None:
+        if clap.fingerprint != self.clap_fingerprint:
+            raise ModelLoadError(f"These prompts were tuned on CLAP {self.clap_name!r} (fingerprint "
+                                 f"{self.clap_fingerprint}); the loaded CLAP {clap.name!r} is another model. Tune "
+                                 "them again for this CLAP.")
+
+
+class PromptedClassifier:
+    """Class embeddings from tuned prompts, and scores for audio (coarse, fine and combined)."""
+
+    def __init__(self, clap: ClapBackend, prompts: TunedPrompts) -> None:
+        prompts.check_compatible(clap)
+        self.clap, self.prompts, self.config = clap, prompts, prompts.config
+        tower = clap.text_tower()
+        ids = tokenize_classes(tower, prompts.class_names, self.config.class_max_tokens)
+        with torch.no_grad():
+            self.coarse = F.normalize(prompted_class_embeddings(
+                tower, ids.input_ids, ids.attention_mask, prompts.coarse.to(tower.device),
+                self.config.double_embedding).float(), dim=-1).cpu()  # [C, D]
+            self.fine = F.normalize(prompted_class_embeddings(
+                tower, ids.input_ids, ids.attention_mask, prompts.fine.to(tower.device),
+                self.config.double_embedding).float(), dim=-1).cpu()  # [C, D]
+        self.tau = min(clap.logit_scale, self.config.logit_scale_max)
+
+    def scores(self, clip: torch.Tensor, frames: torch.Tensor) -> dict[str, np.ndarray]:
+        """clip [D] and frames [T, D] unit-norm -> {coarse, fine, combined} per class.
+
+        Single-label: softmax of τ-scaled logits (combined = softmax of the summed logits). Multi-label: raw cosines
+        (combined = their sum), as AFPT scores multi-label data.
+        """
+        coarse_cos = clip.float() @ self.coarse.T  # [C]
+        fine_cos = softmax_pool((frames.float() @ self.fine.T).unsqueeze(0), None,
+                                self.config.token_temperature)[0]  # [C]
+        if self.config.multi_label:
+            return {"coarse": coarse_cos.numpy(), "fine": fine_cos.numpy(), "combined": (coarse_cos + fine_cos).numpy()}
+        z, zf = self.tau * coarse_cos, self.tau * fine_cos
+        return {"coarse": z.softmax(-1).numpy(), "fine": zf.softmax(-1).numpy(), "combined": (z + zf).softmax(-1).numpy()}
+
+    def classify(self, audio: Audio) -> TunedClassification:
+        """Scores for the whole clip (pooled clip embedding; all frames of all windows) and per window."""
+        embedded = self.clap.embed_windows([audio])[0]
+        windows, frames = self.clap.embed_frames(audio)
+        clip = self.scores(embedded.pooled, torch.cat(frames))
+        per_window = [self.scores(embedded.embeddings[i], frames[i])["combined"] for i in range(len(windows))]
+        return TunedClassification(self.prompts.class_names, clip, windows, np.stack(per_window))
+
+
+@dataclass
+class TunedClassification:
+    class_names: list[str]
+    scores: dict[str, np.ndarray]  # coarse, fine, combined: [C] each
+    windows: list[Window]
+    window_scores: np.ndarray  # [W, C] combined
+
+    def as_dict(self, which: str = "combined") -> dict[str, float]:
+        return {n: float(s) for n, s in zip(self.class_names, self.scores[which])}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainingTexts:
+    """Captions standing in for audio: texts with their labels."""
+
+    texts: list[str]
+    labels: np.ndarray  # [N, C] multi-hot (single-label data has exactly one 1 per row)
+
+
+def tune(clap: ClapBackend, class_names: Sequence[str], data: TrainingTexts, config: PromptTuningConfig | None = None,
+         progress: ProgressCallback | None = None, should_stop: Callable[[], bool] | None = None) -> TunedPrompts:
+    """Learn coarse and fine prompts for ``class_names`` from captions (no audio). Seeded; cancellable."""
+    import time
+
+    config = config or PromptTuningConfig()
+    names = list(class_names)
+    _check_inputs(names, data, config)
+    started = time.perf_counter()
+    tower = clap.text_tower()
+    generator = torch.Generator().manual_seed(config.seed)
+    coarse = nn.Parameter(torch.randn(config.prompt_len, tower.hidden_size, generator=generator) * config.init_std)
+    fine = nn.Parameter(torch.randn(config.prompt_len, tower.hidden_size, generator=generator) * config.init_std)
+    coarse.data, fine.data = coarse.data.to(tower.device), fine.data.to(tower.device)
+    optimizer = torch.optim.AdamW([coarse, fine], lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  weight_decay=config.weight_decay)
+    _report(progress, 0.0, f"Embedding {len(data.texts)} captions")
+    features = caption_features(tower, data.texts, config.caption_max_tokens)
+    class_ids = tokenize_classes(tower, names, config.class_max_tokens)
+    labels = torch.from_numpy(data.labels.astype(np.float32))
+    tau = min(clap.logit_scale, config.logit_scale_max)
+    order_rng = np.random.default_rng(config.seed)
+    steps_per_epoch = math.ceil(len(data.texts) / config.batch_size)
+    total, step, losses = config.epochs * steps_per_epoch, 0, []
+    modules = _tower_modules(tower)
+    was_training = [m.training for m in modules]
+    frozen = [p for m in modules for p in m.parameters()]
+    was_trainable = [p.requires_grad for p in frozen]
+    try:
+        for param in frozen:  # gradients flow through the tower to the prompts, but are never kept for its weights
+            param.requires_grad_(False)
+        for module in modules:  # AFPT encodes class prompts with dropout on; the caption features are fixed
+            module.train(config.train_dropout)
+        for epoch in range(config.epochs):
+            epoch_losses = []
+            for batch in np.array_split(order_rng.permutation(len(data.texts)), steps_per_epoch):
+                if should_stop is not None and should_stop():
+                    raise TuningCancelled("Prompt tuning was cancelled")
+                index = torch.from_numpy(batch)
+                loss = _step_loss(tower, class_ids, coarse, fine, features, index, labels[index], tau, config)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                epoch_losses.append(loss.item())
+                step += 1
+                _report(progress, step / total, f"Epoch {epoch + 1}/{config.epochs}, loss {loss.item():.4f}")
+            losses.append(float(np.mean(epoch_losses)))
+    finally:
+        for module, mode in zip(modules, was_training):
+            module.train(mode)
+        for param, trainable in zip(frozen, was_trainable):
+            param.requires_grad_(trainable)
+    report = {"epoch_losses": losses, "texts": len(data.texts), "texts_per_class": data.labels.sum(0).astype(int)
+              .tolist(), "seconds": round(time.perf_counter() - started, 2), "steps": step}
+    return TunedPrompts(names, coarse.detach().cpu(), fine.detach().cpu(), config, clap.name, clap.fingerprint, report)
+
+
+def _step_loss(tower, class_ids, coarse, fine, features: CaptionFeatures, index, labels, tau: float,
+               config: PromptTuningConfig) -> torch.Tensor:
+    device = coarse.device
+    t = F.normalize(prompted_class_embeddings(tower, class_ids.input_ids, class_ids.attention_mask, coarse,
+                                              config.double_embedding).float(), dim=-1)  # [C, D]
+    f = F.normalize(prompted_class_embeddings(tower, class_ids.input_ids, class_ids.attention_mask, fine,
+                                              config.double_embedding).float(), dim=-1)  # [C, D]
+    sentence = features.sentence[index].to(device)  # [B, D]
+    tokens = features.tokens[index].to(device).float()  # [B, L, D]
+    coarse_cos = sentence @ t.T  # [B, C]
+    fine_cos = softmax_pool(tokens @ f.T, features.mask[index].to(device), config.token_temperature,
+                            config.mask_padding)  # [B, C]
+    labels = labels.to(device)
+    if config.multi_label:
+        return ranking_loss(coarse_cos, labels, config.ranking_scale) + ranking_loss(fine_cos, labels,
+                                                                                       config.ranking_scale)
+    target = labels.argmax(dim=1)
+    return F.cross_entropy(tau * coarse_cos, target) + F.cross_entropy(tau * fine_cos, target)
+
+
+def _tower_modules(tower: TextTower) -> list[nn.Module]:
+    return [m for m in vars(tower).values() if isinstance(m, nn.Module)]
+
+
+def _check_inputs(names: list[str], data: TrainingTexts, config: PromptTuningConfig) -> None:
+    if not names:
+        raise ClassifierInputError("Give at least one class name to tune prompts for")
+    if len({n.casefold() for n in names}) != len(names):
+        raise ClassifierInputError("Class names must be distinct (case-insensitive)")
+    if data.labels.shape != (len(data.texts), len(names)):
+        raise ClassifierInputError(f"labels are {data.labels.shape}; expected ({len(data.texts)}, {len(names)})")
+    missing = [n for n, count in zip(names, data.labels.sum(0)) if count == 0]
+    if missing:
+        raise ClassifierInputError(f"No training texts for: {', '.join(missing)}")
+    if not config.multi_label and (data.labels.sum(1) != 1).any():
+        raise ClassifierInputError("Single-label tuning needs exactly one label per text; use multi_label")
+
+
+def _report(progress: ProgressCallback | None, fraction: float, message: str) -> None:
+    if progress is not None:
+        progress(fraction, message)

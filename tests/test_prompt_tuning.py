@@ -1,0 +1,130 @@
+"""Audio-free prompt tuning: prompt insertion, the frozen backbone, losses and pooling, save/load."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.audio import Audio
+from engine.config import PromptTuningConfig
+from engine.errors import ClassifierInputError, ModelLoadError
+from engine.prompt_tuning import (
+    PromptedClassifier,
+    TrainingTexts,
+    TunedPrompts,
+    TuningCancelled,
+    insert_prompts,
+    prompted_class_embeddings,
+    ranking_loss,
+    softmax_pool,
+    tokenize_classes,
+    tune,
+)
+from tests.helpers import noise_clip
+
+CLASSES = ["dog", "rain", "siren"]
+
+
+def synthetic_texts(per_class: int = 8) -> TrainingTexts:
+    texts, labels = [], []
+    for i, name in enumerate(CLASSES):
+        for k in range(per_class):
+            texts.append(f"a {name} sound number {k}")
+            labels.append(np.eye(len(CLASSES))[i])
+    return TrainingTexts(texts, np.array(labels))
+
+
+def test_prompts_go_after_the_first_token(tiny_clap):
+    tower = tiny_clap.text_tower()
+    ids = tokenize_classes(tower, ["dog barking", "rain"], max_tokens=16)
+    tokens = tower.embed_words(ids.input_ids)  # [2, L, H]
+    prompts = torch.arange(3 * tower.hidden_size, dtype=torch.float32).reshape(3, -1)
+    spliced, mask = insert_prompts(tokens, ids.attention_mask, prompts)
+    assert spliced.shape == (2, tokens.shape[1] + 3, tower.hidden_size)
+    assert torch.equal(spliced[:, 0], tokens[:, 0])  # <s> stays first
+    assert torch.equal(spliced[:, 1:4], prompts.expand(2, 3, -1))  # then the prompts
+    assert torch.equal(spliced[:, 4:], tokens[:, 1:])  # then " dog barking" </s> <pad>...
+    assert mask[:, :4].eq(1).all() and torch.equal(mask[:, 4:], ids.attention_mask[:, 1:])
+    # RoBERTa-style tokens: the class string carries the leading space (" dog" -> "Ġdog").
+    assert tiny_clap.tokenizer.convert_ids_to_tokens(ids.input_ids[0, 1].item()).startswith("Ġ")
+
+
+def test_zero_length_prompts_equal_the_plain_encoder(tiny_clap):
+    tower = tiny_clap.text_tower()
+    ids = tokenize_classes(tower, CLASSES, max_tokens=16)
+    with torch.no_grad():
+        prompted = prompted_class_embeddings(tower, ids.input_ids, ids.attention_mask,
+                                             torch.empty(0, tower.hidden_size))
+    plain = tiny_clap.embed_text([" " + c for c in CLASSES])
+    torch.testing.assert_close(torch.nn.functional.normalize(prompted, dim=-1), plain, rtol=0, atol=1e-6)
+
+
+def test_softmax_pool_masks_padding():
+    similarity = torch.tensor([[[0.5], [0.1], [0.9]]])  # [B=1, L=3, C=1]; the last position is padding
+    mask = torch.tensor([[1, 1, 0]])
+    weights = torch.softmax(torch.tensor([0.5, 0.1]) / 0.1, dim=0)
+    expected = float((weights * torch.tensor([0.5, 0.1])).sum())
+    assert softmax_pool(similarity, mask, 0.1, mask_padding=True).item() == pytest.approx(expected, abs=1e-6)
+    # AFPT's code: padding gets logit 0 and its similarity is still summed.
+    leaky = torch.softmax(torch.tensor([0.5, 0.1, 0.0]) / 0.1, dim=0)
+    leaky_expected = float((leaky * torch.tensor([0.5, 0.1, 0.9])).sum())
+    assert softmax_pool(similarity, mask, 0.1, mask_padding=False).item() == pytest.approx(leaky_expected, abs=1e-6)
+
+
+def test_ranking_loss_by_hand():
+    scores = torch.tensor([[0.2, 0.5, -0.1]])
+    labels = torch.tensor([[0, 1, 0]])
+    # positive j=1; negatives i=0,2: max(0, 1 - 5*0.5 + 5*0.2) + max(0, 1 - 5*0.5 + 5*(-0.1)) = 0 + 0
+    assert ranking_loss(scores, labels).item() == pytest.approx(0.0)
+    scores = torch.tensor([[0.4, 0.3, 0.0]])
+    # 1 - 1.5 + 2.0 = 1.5 and 1 - 1.5 + 0 = -0.5 -> 1.5
+    assert ranking_loss(scores, labels).item() == pytest.approx(1.5)
+
+
+def test_only_prompts_learn_and_the_backbone_is_untouched(tiny_clap):
+    before = {n: p.detach().clone() for n, p in tiny_clap.model.named_parameters()}
+    grads_seen = []
+    tuned = tune(tiny_clap, CLASSES, synthetic_texts(), PromptTuningConfig(prompt_len=4, epochs=2, batch_size=6),
+                 progress=lambda f, m: grads_seen.append(any(p.grad is not None
+                                                              for p in tiny_clap.model.parameters())))
+    assert not any(grads_seen)  # no backbone parameter ever received a gradient
+    for name, param in tiny_clap.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+        assert not param.requires_grad or param.grad is None
+    assert tuned.coarse.shape == (4, 32) and tuned.fine.shape == (4, 32)
+    assert not torch.equal(tuned.coarse, tuned.fine)
+    assert tuned.report["texts_per_class"] == [8, 8, 8] and len(tuned.report["epoch_losses"]) == 2
+    assert tiny_clap.model.training is False  # the tower is back in eval mode
+
+
+def test_tuning_is_seeded(tiny_clap):
+    config = PromptTuningConfig(prompt_len=4, epochs=1, batch_size=6, train_dropout=False, seed=3)
+    first = tune(tiny_clap, CLASSES, synthetic_texts(), config)
+    second = tune(tiny_clap, CLASSES, synthetic_texts(), config)
+    assert torch.equal(first.coarse, second.coarse) and torch.equal(first.fine, second.fine)
+
+
+def test_save_load_reproduces_scores(tiny_clap, other_clap, tmp_path):
+    tuned = tune(tiny_clap, CLASSES, synthetic_texts(), PromptTuningConfig(prompt_len=4, epochs=1))
+    tuned.save(tmp_path / "prompts")
+    loaded = TunedPrompts.load(tmp_path / "prompts", tiny_clap)
+    audio = Audio(noise_clip(14.0), 48_000, 48_000, 1, "<array>")
+    a = PromptedClassifier(tiny_clap, tuned).classify(audio)
+    b = PromptedClassifier(tiny_clap, loaded).classify(audio)
+    for key in ("coarse", "fine", "combined"):
+        np.testing.assert_array_equal(a.scores[key], b.scores[key])
+        assert a.scores[key].sum() == pytest.approx(1.0, abs=1e-5)
+    assert a.window_scores.shape == (2, 3)
+    assert loaded.class_names == CLASSES and loaded.config.prompt_len == 4
+    with pytest.raises(ModelLoadError, match="tuned on CLAP .* is another model"):
+        TunedPrompts.load(tmp_path / "prompts", other_clap)
+
+
+def test_bad_inputs_and_cancellation(tiny_clap):
+    with pytest.raises(ClassifierInputError, match="No training texts for: siren"):
+        data = synthetic_texts()
+        tune(tiny_clap, CLASSES, TrainingTexts(data.texts[:16], data.labels[:16]))
+    with pytest.raises(ClassifierInputError, match="distinct"):
+        tune(tiny_clap, ["dog", "Dog", "rain"], synthetic_texts())
+    with pytest.raises(TuningCancelled):
+        tune(tiny_clap, CLASSES, synthetic_texts(), PromptTuningConfig(prompt_len=2), should_stop=lambda: True)
