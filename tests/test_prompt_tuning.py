@@ -128,3 +128,83 @@ def test_bad_inputs_and_cancellation(tiny_clap):
         tune(tiny_clap, ["dog", "Dog", "rain"], synthetic_texts())
     with pytest.raises(TuningCancelled):
         tune(tiny_clap, CLASSES, synthetic_texts(), PromptTuningConfig(prompt_len=2), should_stop=lambda: True)
+
+
+# --- learning -------------------------------------------------------------------------------------------------------
+
+LEARN_CLASSES = ["dog", "rain", "siren", "bell", "engine", "bird"]
+FILLERS = ["loudly", "in the distance", "nearby", "while people talk", "outside", "at night", "repeatedly",
+           "and wind blows", "with echo", "then stops", "for a while"]
+
+
+def filler_captions(per_class: int, seed: int) -> TrainingTexts:
+    """Captions where only the class word tells the classes apart ("nearby a dog at night")."""
+    import random
+
+    rng, texts, labels = random.Random(seed), [], []
+    for i, name in enumerate(LEARN_CLASSES):
+        for _ in range(per_class):
+            texts.append(f"{rng.choice(FILLERS)} a {name} {rng.choice(FILLERS)}")
+            labels.append(np.eye(len(LEARN_CLASSES))[i])
+    return TrainingTexts(texts, np.array(labels))
+
+
+@pytest.fixture(scope="module")
+def text_aware_clap(tmp_path_factory):
+    """A tiny CLAP whose text tower had a few steps of training on captions (never on class names or templates), so
+    its embeddings weakly encode the class word, as a trained CLAP's do strongly. A random tower does not: with it
+    no prompt can separate the classes (nearest-centroid accuracy is at chance), so it cannot show learning."""
+    import torch.nn.functional as F
+
+    from engine.clap.hf import HFClapBackend
+    from engine.clap.tiny import build_tiny_clap
+
+    clap = HFClapBackend.from_pretrained(str(build_tiny_clap(tmp_path_factory.mktemp("text-aware"), seed=0)),
+                                         device="cpu")
+    tower, data = clap.text_tower(), filler_captions(40, seed=1)
+    tokens, target = tower.tokenize(data.texts, 77), torch.from_numpy(data.labels.argmax(1))
+    torch.manual_seed(1)
+    head = torch.nn.Linear(clap.embedding_dim, len(LEARN_CLASSES))
+    params = [*clap.model.text_model.parameters(), *clap.model.text_projection.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    clap.model.train()
+    for _ in range(160):
+        index = torch.randperm(len(data.texts))[:48]
+        hidden = tower.encode(tower.embed_words(tokens.input_ids[index]), tokens.attention_mask[index])
+        z = F.normalize(tower.project(tower.sentence_features(hidden, tokens.attention_mask[index])), dim=-1)
+        loss = F.cross_entropy(10 * head(z), target[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    clap.model.eval()
+    for param in clap.model.parameters():
+        param.grad = None
+    return clap
+
+
+def text_side_accuracy(clap, prompts: TunedPrompts, data: TrainingTexts) -> float:
+    from engine.prompt_tuning import caption_features
+
+    classifier = PromptedClassifier(clap, prompts)
+    features = caption_features(clap.text_tower(), data.texts, 77)
+    coarse = features.sentence @ classifier.coarse.T
+    fine = softmax_pool(features.tokens.float() @ classifier.fine.T, features.mask, prompts.config.token_temperature)
+    return float(((coarse + fine).argmax(1).numpy() == data.labels.argmax(1)).mean())
+
+
+def test_tuning_beats_the_template_baseline_on_held_out_captions(text_aware_clap):
+    from engine.classifier import build_zero_shot_classifier
+
+    clap, train, held_out = text_aware_clap, filler_captions(30, seed=2), filler_captions(20, seed=3)
+    template = build_zero_shot_classifier(clap, LEARN_CLASSES, ["This is a sound of {}."])
+
+    def template_accuracy(data: TrainingTexts) -> float:
+        return float((template.scores(clap.embed_text(data.texts)).argmax(1).numpy()
+                      == data.labels.argmax(1)).mean())
+
+    config = PromptTuningConfig(prompt_len=16, epochs=30, lr=0.1, train_dropout=False, seed=0)
+    tuned = tune(clap, LEARN_CLASSES, train, config)
+    assert tuned.report["epoch_losses"][-1] < 0.8 * tuned.report["epoch_losses"][0]
+    # Measured here: held-in 0.56 -> 0.70, held-out 0.55 -> 0.68 (the tiny tower knows the class words weakly).
+    assert text_side_accuracy(clap, tuned, train) >= template_accuracy(train) + 0.10
+    assert text_side_accuracy(clap, tuned, held_out) >= template_accuracy(held_out) + 0.08
