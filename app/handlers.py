@@ -15,6 +15,7 @@ import pandas as pd
 from engine.audio import Audio
 from engine.classifier import parse_class_names
 from engine.errors import AudioScribeError
+from engine.prompt_tuning import TunedPrompts
 from engine.service import AudioScribe, top_caption_rows
 
 CAPTION_COLUMNS = ["rank", "caption", "similarity"]
@@ -52,6 +53,7 @@ class Handlers:
 
     def __init__(self, service: AudioScribe) -> None:
         self.service = service
+        self._stop_requests: set[str] = set()  # sessions that pressed Stop while tuning (control flags, no user data)
 
     def _load(self, audio_path: str | None) -> Audio:
         if not audio_path:
@@ -95,9 +97,31 @@ class Handlers:
         return info, text, clip, windows
 
     @user_errors
+    def tune(self, class_text: str, multi_label: bool, request: gr.Request,
+             progress: gr.Progress = gr.Progress()) -> tuple[str, TunedPrompts]:
+        """Tune prompts for the typed classes on datastore captions; the result goes to this session's state only."""
+        names = parse_class_names(class_text or "")
+        session = request.session_hash if request else ""
+        self._stop_requests.discard(session)
+        prompts = self.service.tune_prompts(
+            names, multi_label=multi_label, progress=lambda fraction, message: progress(fraction, desc=message),
+            should_stop=lambda: session in self._stop_requests)
+        report = prompts.report
+        text = (f"Tuned {len(names)} classes in {report['seconds']:.1f} s ({report['steps']} steps, "
+                f"{report['texts']} training captions; loss {report['epoch_losses'][0]:.3f} → "
+                f"{report['epoch_losses'][-1]:.3f}). These prompts stay in this browser session only.\n\n"
+                f"```\n{report['selection']}\n```")
+        return text, prompts
+
+    def stop_tuning(self, request: gr.Request) -> str:
+        self._stop_requests.add(request.session_hash if request else "")
+        return "Stopping…"
+
+    @user_errors
     def classify(self, audio_path: str | None, class_text: str, template_text: str, multi_label: bool,
-                 threshold: float) -> tuple[str, dict[str, float], pd.DataFrame]:
-        """Audio + class names -> (info line, {class: score} for gr.Label, per-window scores)."""
+                 threshold: float, tuned: TunedPrompts | None = None
+                 ) -> tuple[str, dict[str, float], pd.DataFrame, pd.DataFrame]:
+        """Audio + class names -> (info line, {class: score} for gr.Label, per-window scores, zero-shot vs tuned)."""
         audio = self._load(audio_path)
         names = parse_class_names(class_text or "")
         templates = [t for t in (template_text or "").splitlines() if t.strip()] or None
@@ -112,4 +136,13 @@ class Handlers:
         info = describe_audio(audio) + f" — {len(names)} classes, {mode}"
         if len(names) > MAX_WINDOW_COLUMNS:
             info += f" (per-window table: the {MAX_WINDOW_COLUMNS} best classes)"
-        return info, result.as_dict(), per_window
+        comparison = pd.DataFrame({"class": names, "method": ["zero-shot"] * len(names),
+                                   "score": result.scores.astype(float)})
+        if tuned is not None:
+            if [n.casefold() for n in tuned.class_names] != [n.casefold() for n in names]:
+                info += "  \nThe tuned prompts are for other class names: press *Tune prompts* again."
+            else:
+                scores = self.service.classify_tuned(audio, tuned).scores["combined"]
+                comparison = pd.concat([comparison, pd.DataFrame(
+                    {"class": names, "method": ["tuned prompts"] * len(names), "score": scores.astype(float)})])
+        return info, result.as_dict(), per_window, comparison

@@ -95,13 +95,27 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
                         threshold = gr.Slider(0.01, 0.99, value=cfg.classify.threshold, step=0.01,
                                               label="Multi-label threshold")
                     classify_button = gr.Button("Classify", variant="primary")
+                    with gr.Row():
+                        tune_button = gr.Button("Tune prompts")
+                        stop_button = gr.Button("Stop tuning", variant="stop")
+                    gr.Markdown("*Tune prompts* learns prompt vectors for the class names above from captions in "
+                                "the datastore that mention them (no audio needed), then *Classify* shows tuned "
+                                "next to zero-shot scores. The tuned prompts are kept for this browser session only.")
                     gr.Examples(example_clips(), inputs=[classify_audio], label="Synthesized example clips")
                 with gr.Column():
                     classify_info = gr.Markdown()
-                    scores = gr.Label(num_top_classes=10, label="Scores (whole clip)")
-                    window_scores = gr.Dataframe(label="Scores per window", interactive=False)
-            classify_button.click(handlers.classify, [classify_audio, class_names, templates, multi_label, threshold],
-                                  [classify_info, scores, window_scores], api_name="classify")
+                    scores = gr.Label(num_top_classes=10, label="Zero-shot scores (whole clip)")
+                    comparison = gr.BarPlot(x="class", y="score", color="method", label="Zero-shot vs tuned prompts",
+                                            y_lim=[0, 1])
+                    window_scores = gr.Dataframe(label="Zero-shot scores per window", interactive=False)
+                    tune_report = gr.Markdown()
+            tuned_prompts = gr.State(None)  # per browser session: other users never see these prompts
+            classify_button.click(handlers.classify,
+                                  [classify_audio, class_names, templates, multi_label, threshold, tuned_prompts],
+                                  [classify_info, scores, window_scores, comparison], api_name="classify")
+            tune_button.click(handlers.tune, [class_names, multi_label], [tune_report, tuned_prompts],
+                                       api_name="tune_prompts")
+            stop_button.click(handlers.stop_tuning, None, [tune_report], api_name="stop_tuning")
 
         with gr.Tab("Settings"):
             gr.Markdown("The active configuration (change it with `--profile`, `--set section.field=value` or "

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from engine.errors import AudioScribeError
 
 log = logging.getLogger(__name__)
@@ -434,3 +436,30 @@ def _add_java_metrics(result: CaptionEvaluation, wanted: set[str], cands: list[s
             result.scores["spider"] = (result.scores["cider_d"] + result.scores["spice"]) / 2
         else:
             result.unavailable["spider"] = f"needs SPICE, which is unavailable: {result.unavailable['spice']}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# classification
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy: scores [N, C], labels [N] class indices."""
+    return float((np.asarray(scores).argmax(axis=1) == np.asarray(labels)).mean())
+
+
+def average_precision(scores: np.ndarray, positives: np.ndarray) -> float:
+    """AP of one class: scores [N], positives [N] bool; the mean precision at each positive, ties broken by order
+    (as sklearn's average_precision_score for untied scores). NaN when there is no positive."""
+    positives = np.asarray(positives, dtype=bool)
+    if not positives.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    hits = positives[order]
+    precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision_at[hits].mean())
+
+
+def macro_map(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over classes (with at least one positive) of the AP: scores [N, C], labels [N, C] multi-hot."""
+    values = [average_precision(scores[:, c], labels[:, c]) for c in range(labels.shape[1])]
+    return float(np.nanmean(values))

@@ -243,6 +243,16 @@ class TrainingTexts:
     labels: np.ndarray  # [N, C] multi-hot (single-label data has exactly one 1 per row)
 
 
+def training_texts(selection, multi_label: bool) -> TrainingTexts:
+    """TrainingTexts from a text selection: every text (multi-hot) for multi-label tuning; for single-label tuning
+    only texts that belong to exactly one class."""
+    labels = np.asarray(selection.labels, dtype=np.float32)
+    if multi_label:
+        return TrainingTexts(list(selection.texts), labels)
+    keep = np.flatnonzero(labels.sum(axis=1) == 1)
+    return TrainingTexts([selection.texts[i] for i in keep], labels[keep])
+
+
 def tune(clap: ClapBackend, class_names: Sequence[str], data: TrainingTexts, config: PromptTuningConfig | None = None,
          progress: ProgressCallback | None = None, should_stop: Callable[[], bool] | None = None) -> TunedPrompts:
     """Learn coarse and fine prompts for ``class_names`` from captions (no audio). Seeded; cancellable."""

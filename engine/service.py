@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -21,6 +21,14 @@ from engine.classifier import Classification, ZeroShotClassifier, build_zero_sho
 from engine.config import AppConfig
 from engine.datastore import CaptionDatastore, SearchResult
 from engine.errors import DatastoreError, ModelLoadError
+from engine.prompt_tuning import (
+    ProgressCallback,
+    PromptedClassifier,
+    TunedClassification,
+    TunedPrompts,
+    training_texts,
+    tune,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,34 @@ class AudioScribe:
         return classify_audio(self.clap, self.classifier(class_names, templates), audio,
                               multi_label=cfg.multi_label if multi_label is None else multi_label,
                               threshold=cfg.threshold if threshold is None else threshold)
+
+    def select_tuning_texts(self, class_names: Sequence[str], descriptions: dict[str, list[str]] | None = None):
+        """Captions from the datastore that mention each class (topped up by CLAP similarity): the training texts."""
+        from engine.text_selection import select_texts
+
+        if self.datastore is None:
+            raise DatastoreError("Prompt tuning takes its training captions from the datastore; none is configured")
+        cfg = self.config.tuning
+        return select_texts(list(class_names), self.datastore.captions, clap=self.clap,
+                            caption_embeddings=self.datastore.embeddings, min_per_class=cfg.min_texts_per_class,
+                            max_per_class=cfg.max_texts_per_class, descriptions=descriptions,
+                            templates=tuple(self.config.classify.templates), seed=cfg.seed)
+
+    def tune_prompts(self, class_names: Sequence[str], *, multi_label: bool | None = None,
+                     descriptions: dict[str, list[str]] | None = None, progress: ProgressCallback | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> TunedPrompts:
+        """Audio-free prompt tuning for ``class_names`` on datastore captions. Returns new prompts; the caller keeps
+        them (per user), nothing is stored here."""
+        config = replace(self.config.tuning, multi_label=self.config.tuning.multi_label if multi_label is None
+                         else multi_label)
+        selection = self.select_tuning_texts(class_names, descriptions)
+        data = training_texts(selection, config.multi_label)
+        prompts = tune(self.clap, list(class_names), data, config, progress=progress, should_stop=should_stop)
+        prompts.report["selection"] = selection.format_report()
+        return prompts
+
+    def classify_tuned(self, audio: Audio, prompts: TunedPrompts) -> TunedClassification:
+        return PromptedClassifier(self.clap, prompts).classify(audio)
 
     def status(self) -> dict[str, object]:
         """What is loaded, for logs and the app's header."""

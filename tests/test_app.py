@@ -82,8 +82,8 @@ def test_describe_shows_a_generated_caption_next_to_retrieved_ones(client, servi
 
 
 def test_classify_returns_scores_for_the_typed_classes(client, service, wav):
-    info, label, per_window = client.predict(handle_file(wav), "dog\nrain, siren", "This is a sound of {}.", False,
-                                             0.5, api_name="/classify")
+    info, label, per_window, comparison = client.predict(handle_file(wav), "dog\nrain, siren",
+                                                         "This is a sound of {}.", False, 0.5, api_name="/classify")
     scores = {c["label"]: c["confidence"] for c in label["confidences"]}
     expected = service.classify(service.load(wav), ["dog", "rain", "siren"]).as_dict()
     assert scores.keys() == expected.keys()
@@ -91,6 +91,8 @@ def test_classify_returns_scores_for_the_typed_classes(client, service, wav):
         assert scores[name] == pytest.approx(expected[name], abs=1e-6)
     assert label["label"] == max(expected, key=expected.get)
     assert "3 classes, single-label" in info
+    zero_shot = {row[0]: row[2] for row in comparison["data"] if row[1] == "zero-shot"}
+    assert zero_shot == pytest.approx(expected, abs=1e-6)  # no tuned prompts in this session yet: zero-shot only
     best_first = sorted(expected, key=expected.get, reverse=True)
     assert per_window["headers"] == ["start_s", "end_s", *best_first]
 
@@ -127,8 +129,8 @@ def test_trained_weights_get_no_banner(service):
 
 def test_many_classes_keep_the_window_table_readable(client, wav):
     names = [f"class {i}" for i in range(500)]
-    info, label, per_window = client.predict(handle_file(wav), "\n".join(names), "This is a sound of {}.", False,
-                                             0.5, api_name="/classify")
+    info, label, per_window, _ = client.predict(handle_file(wav), "\n".join(names), "This is a sound of {}.", False,
+                                                0.5, api_name="/classify")
     assert "500 classes" in info and "the 10 best classes" in info
     assert len(per_window["headers"]) == 2 + 10 and len(label["confidences"]) == 10
 

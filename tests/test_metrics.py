@@ -264,3 +264,16 @@ def test_java_failure_message_becomes_the_reason(tmp_path, monkeypatch):
     for reason in result.unavailable.values():
         assert "jarfile" in reason.lower()
     assert set(result.scores) == {"cider_d"}
+
+
+def test_classification_metrics_by_hand():
+    from engine.metrics import accuracy, average_precision, macro_map
+
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert accuracy(scores, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    # ranking by score: items 0 (pos), 2 (neg), 1 (pos): precisions at positives 1/1 and 2/3
+    assert average_precision(np.array([0.9, 0.2, 0.6]), np.array([1, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+    labels = np.array([[1, 0], [1, 1], [0, 0]])
+    # class 1: ranking 1 (pos, 0.8), 2, 0 -> AP 1.0; class 0: as above
+    assert macro_map(scores.T[[0, 1]].T, labels) == pytest.approx(((1 + 2 / 3) / 2 + 1.0) / 2)
+    assert np.isnan(average_precision(np.array([0.1, 0.2]), np.array([0, 0])))

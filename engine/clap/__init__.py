@@ -53,5 +53,21 @@ def _create_drcap_clap(config: AppConfig) -> ClapBackend:
         audio_config=config.audio, batch_size=config.clap.batch_size, text_batch_size=config.clap.text_batch_size)
 
 
+@register_backend("msclap")
+def _create_msclap_clap(config: AppConfig) -> ClapBackend:
+    """MS-CLAP 2022 (Cnn14 + BERT, AFPT's backbone): clap.model is CLAP_weights_2022.pth (or a .safetensors of its
+    state dict, or "microsoft/msclap"), clap.tokenizer its BERT tokenizer (default bert-base-uncased).
+
+    The model sees 5-s clips: audio.window_s / audio.hop_s above 5 s are lowered to 5 s (logged).
+    clap.max_text_tokens is not used: MS-CLAP's text length is 100 tokens.
+    """
+    from engine.clap.msclap import DEFAULT_TOKENIZER, MsClapBackend, msclap_audio_config
+
+    return MsClapBackend.from_checkpoint(
+        config.clap.model, tokenizer=config.clap.tokenizer or DEFAULT_TOKENIZER, device=config.clap.device,
+        fp16=config.clap.fp16, audio_config=msclap_audio_config(config.audio), batch_size=config.clap.batch_size,
+        text_batch_size=config.clap.text_batch_size)
+
+
 __all__ = ["BACKENDS", "ClapBackend", "WindowEmbeddings", "create_clap", "l2_normalize", "pool_windows",
            "register_backend"]
