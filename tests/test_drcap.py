@@ -280,3 +280,28 @@ def test_auto_quantization_falls_back_on_cpu_and_says_so(tiny_llama_dir):
     assert "No CUDA device" in loaded.notice
     with pytest.raises(ModelLoadError, match="int8 needs a CUDA device"):
         load_llm(LLMConfig(model=str(tiny_llama_dir), quantization="int8"))
+
+
+def test_captioner_with_drcaps_own_clap(tmp_path, tiny_llama_dir):
+    """The whole captioner on a DRCap-layout CLAP checkpoint (32 kHz HTSAT + RoBERTa), loaded through the registry."""
+    from engine.audio import Audio
+    from engine.clap import create_clap
+    from engine.clap.drcap import build_tiny_drcap_clap
+
+    checkpoint, tokenizer = build_tiny_drcap_clap(tmp_path / "drcap-clap", seed=0)
+    config = AppConfig(cache_dir=str(tmp_path / "cache"))
+    config.clap.backend, config.clap.model, config.clap.tokenizer = "drcap", str(checkpoint), str(tokenizer)
+    config.clap.device = "cpu"
+    config.llm.model, config.llm.dtype = str(tiny_llama_dir), "fp32"
+    config.caption.num_beams, config.caption.max_new_tokens, config.caption.mapping_hidden = 1, 5, 64
+    clap = create_clap(config)
+    assert clap.sample_rate == 32_000
+    store = CaptionDatastore.build(small_caption_set(200), clap, show_progress=False)
+    captioner = Captioner.from_config(config, clap, store)
+    assert captioner.temperature == pytest.approx(float(clap.model.temp))  # PD's τ is the checkpoint's temp
+    audio = Audio(noise_clip(12.0, 32_000), 32_000, 32_000, 1, "<array>")
+    result = captioner.caption(audio)
+    assert len(result.windows) == 2 and len(result.per_window) == 2 and len(result.clip.retrieved) == 3
+    pooled = clap.embed_audio([audio])
+    _, weights = project_onto_support(pooled, store.support, float(clap.model.temp))
+    assert result.clip.support_top[0][1] == pytest.approx(float(weights.max()), rel=1e-5)
