@@ -342,3 +342,34 @@ def test_config_dataclass_checks_its_sizes():
         DrcapClapConfig(depths=(2, 2), num_heads=(1,))
     assert dataclasses.replace(DrcapClapConfig(), embed_dim=8).audio_width == 64
     assert DrcapClapConfig().num_frames == 32 and DrcapClapConfig().target_frames == 1024
+
+
+def test_text_tower_and_frames_for_prompt_tuning(tmp_path):
+    """The DRCap CLAP exposes what prompt tuning needs: its text tower reproduces embed_text; zero-length prompts
+    change nothing; frame embeddings are unit-norm, 32 per window."""
+    import numpy as np
+
+    from engine.clap import create_clap
+    from engine.clap.base import l2_normalize
+    from engine.clap.drcap import build_tiny_drcap_clap
+    from engine.config import AppConfig
+    from engine.prompt_tuning import prompted_class_embeddings, tokenize_classes
+
+    checkpoint, tokenizer = build_tiny_drcap_clap(tmp_path / "m", seed=2)
+    config = AppConfig()
+    config.clap.backend, config.clap.model, config.clap.tokenizer, config.clap.device = (
+        "drcap", str(checkpoint), str(tokenizer), "cpu")
+    clap = create_clap(config)
+    tower = clap.text_tower()
+    texts = ["a dog barks", "rain falls on a tin roof"]
+    tokens = tower.tokenize(texts, max_length=30)
+    with torch.no_grad():
+        hidden = tower.encode(tower.embed_words(tokens.input_ids), tokens.attention_mask)
+        path = l2_normalize(tower.project(tower.sentence_features(hidden, tokens.attention_mask)))
+        ids = tokenize_classes(tower, ["dog", "rain"], 16)
+        empty = prompted_class_embeddings(tower, ids.input_ids, ids.attention_mask, torch.empty(0, tower.hidden_size))
+    torch.testing.assert_close(path, clap.embed_text(texts), rtol=0, atol=1e-6)
+    torch.testing.assert_close(l2_normalize(empty), clap.embed_text([" dog", " rain"]), rtol=0, atol=1e-6)
+    windows, frames = clap.embed_frames(np.random.default_rng(0).standard_normal(32_000 * 12).astype(np.float32))
+    assert len(windows) == 2 and [tuple(f.shape) for f in frames] == [(32, 16), (32, 16)]
+    torch.testing.assert_close(frames[0].norm(dim=1), torch.ones(32))

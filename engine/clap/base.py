@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +74,50 @@ class TextTower(ABC):
     def frozen_parameters(self) -> list[torch.nn.Parameter]:
         """Every weight the tower uses (for checks that tuning leaves them untouched)."""
         return []
+
+
+class EncoderTextTower(TextTower):
+    """The text tower of a [CLS]-first Hugging Face encoder (BERT, RoBERTa, ClapTextModel) and a projection head.
+
+    ``pool`` turns the last hidden states into the sentence feature: the first token's state by default, or e.g.
+    HF CLAP's pooler (dense + tanh over the first token).
+    """
+
+    def __init__(self, tokenizer, encoder: torch.nn.Module, projection: torch.nn.Module, device: torch.device,
+                 pool: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.projection = projection
+        self.pool = pool
+        self.hidden_size = int(encoder.config.hidden_size)
+        self.device = device
+
+    def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> TokenizedText:
+        tokens = self.tokenizer(list(texts), padding="max_length" if pad_to_max else "longest", truncation=True,
+                                max_length=max_length, return_tensors="pt")
+        return TokenizedText(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+
+    def embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder.embeddings.word_embeddings(input_ids)
+
+    def embed_full(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+
+    def encode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The encoder adds position embeddings (BERT: 0..L-1; RoBERTa: from padding_idx + 1, as for real tokens
+        # before the padding) and token-type 0, then LayerNorm, exactly once.
+        token_types = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        return self.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            token_type_ids=token_types).last_hidden_state
+
+    def sentence_features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.pool(hidden) if self.pool is not None else hidden[:, 0]
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projection(features)
+
+    def frozen_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.encoder.parameters()) + list(self.projection.parameters())
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.clap.base import ClapBackend, fingerprint_tensors, l2_normalize, resolve_device
+from engine.clap.base import ClapBackend, EncoderTextTower, fingerprint_tensors, l2_normalize, resolve_device
 from engine.clap.tiny import UNTRAINED_MARKER
 from engine.config import AudioConfig
 from engine.errors import ModelLoadError
@@ -821,6 +821,15 @@ class DrcapClapBackend(ClapBackend):
         is non-linear, it is not the mean of these."""
         projected = self.model.audio_proj(self._frame_features(windows))
         return (l2_normalize(projected) if normalize else projected.float()).cpu()
+
+    def _embed_frame_batch(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """32 frames per window (HTSAT's final map averaged over its 2 frequency groups), projected, unit-norm."""
+        return list(self.frame_embeddings(windows))
+
+    def text_tower(self) -> EncoderTextTower:
+        """RoBERTa (no pooler) + ``text_proj``; sentence feature = the ``<s>`` state, as ASE.encode_text."""
+        return EncoderTextTower(self.tokenizer, self.model.text_encoder.text_encoder, self.model.text_proj,
+                                self.device)
 
     @torch.inference_mode()
     def _embed_window_batch(self, windows: Sequence[np.ndarray]) -> torch.Tensor:

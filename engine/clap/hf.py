@@ -15,14 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.clap.base import (
-    ClapBackend,
-    TextTower,
-    TokenizedText,
-    fingerprint_tensors,
-    l2_normalize,
-    resolve_device,
-)
+from engine.clap.base import ClapBackend, EncoderTextTower, fingerprint_tensors, l2_normalize, resolve_device
 from engine.clap.tiny import UNTRAINED_MARKER
 from engine.config import AudioConfig
 from engine.errors import ModelLoadError
@@ -106,8 +99,11 @@ class HFClapBackend(ClapBackend):
         projected = l2_normalize(self.model.audio_projection(frames)).cpu()  # [B, T, D]
         return list(projected)
 
-    def text_tower(self) -> HFClapTextTower:
-        return HFClapTextTower(self)
+    def text_tower(self) -> EncoderTextTower:
+        """RoBERTa + ClapModel's text projection; sentence feature = HF CLAP's pooler over the first token."""
+        text_model = self.model.text_model
+        return EncoderTextTower(self.tokenizer, text_model, self.model.text_projection, self.device,
+                                pool=text_model.pooler)
 
     @torch.inference_mode()
     def _embed_text_batch(self, texts: Sequence[str]) -> torch.Tensor:
@@ -116,41 +112,6 @@ class HFClapBackend(ClapBackend):
         pooled = self.model.text_model(input_ids=tokens["input_ids"],
                                        attention_mask=tokens["attention_mask"]).pooler_output
         return l2_normalize(self.model.text_projection(pooled)).cpu()  # [B, D]
-
-
-class HFClapTextTower(TextTower):
-    """RoBERTa text branch of ``ClapModel``: [CLS]-first, sentence feature = HF CLAP's pooler over the first token."""
-
-    def __init__(self, backend: HFClapBackend) -> None:
-        self.backend = backend
-        self.text_model = backend.model.text_model
-        self.projection = backend.model.text_projection
-        self.hidden_size = int(self.text_model.config.hidden_size)
-        self.device = backend.device
-
-    def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> TokenizedText:
-        tokens = self.backend.tokenizer(list(texts), padding="max_length" if pad_to_max else True, truncation=True,
-                                        max_length=max_length, return_tensors="pt")
-        return TokenizedText(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
-
-    def embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model.embeddings.word_embeddings(input_ids)
-
-    def embed_full(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model.embeddings(input_ids=input_ids)
-
-    def encode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # RoBERTa numbers positions of inputs_embeds 2, 3, ... as it does for real tokens before the padding.
-        return self.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-
-    def sentence_features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text_model.pooler(hidden)  # dense + tanh over the first token, as ClapModel does
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.projection(features)
-
-    def frozen_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.text_model.parameters()) + list(self.projection.parameters())
 
 
 def _explain_load_failure(name_or_path: str, error: Exception) -> str:

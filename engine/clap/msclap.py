@@ -58,14 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.clap.base import (
-    ClapBackend,
-    TextTower,
-    TokenizedText,
-    fingerprint_tensors,
-    l2_normalize,
-    resolve_device,
-)
+from engine.clap.base import ClapBackend, EncoderTextTower, fingerprint_tensors, l2_normalize, resolve_device
 # torchlibrosa-compatible front end (STFT as conv with DFT kernels, slaney mel, power_to_db), shared with DRCap's
 # CLAP. Its modules read sample_rate/n_fft/n_mels/f_min/f_max/amin from the config they get, which MsClapConfig has.
 from engine.clap.drcap import STALE_BUFFER_SUFFIXES, _describe_keys, _LogMel, _PowerSpectrogram
@@ -581,45 +574,10 @@ class MsClapBackend(ClapBackend):
                                             tokens["attention_mask"].to(self.device))
         return l2_normalize(embeddings).cpu()
 
-    def text_tower(self) -> MsClapTextTower:
-        return MsClapTextTower(self)
-
-
-class MsClapTextTower(TextTower):
-    """MS-CLAP's BERT text branch for prompt tuning: [CLS]-first, sentence feature = the [CLS] hidden state."""
-
-    def __init__(self, backend: MsClapBackend) -> None:
-        self.backend = backend
-        self.text_model = backend.model.caption_encoder.base  # BertModel
-        self.projection = backend.model.caption_encoder.projection
-        self.hidden_size = int(backend.config.text_hidden_size)
-        self.device = backend.device
-
-    def tokenize(self, texts: Sequence[str], max_length: int, pad_to_max: bool = False) -> TokenizedText:
-        tokens = self.backend.tokenize(texts, max_length=max_length, pad_to_max=pad_to_max)
-        return TokenizedText(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
-
-    def embed_words(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model.embeddings.word_embeddings(input_ids)
-
-    def embed_full(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # AFPT: bert.embeddings(input_ids, token_type_ids) with the tokenizer's token types, all 0 for one sentence
-        return self.text_model.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
-
-    def encode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # BertModel adds position (0..L-1) and token-type (0) embeddings, LayerNorm and dropout to inputs_embeds.
-        token_types = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        return self.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                               token_type_ids=token_types).last_hidden_state
-
-    def sentence_features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return hidden[:, 0]  # [CLS], not BERT's pooler (MS-CLAP does not use it)
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.projection(features)
-
-    def frozen_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.text_model.parameters()) + list(self.projection.parameters())
+    def text_tower(self) -> EncoderTextTower:
+        """BERT + the caption projection; sentence feature = the [CLS] state (MS-CLAP does not use BERT's pooler)."""
+        encoder = self.model.caption_encoder
+        return EncoderTextTower(self.tokenizer, encoder.base, encoder.projection, self.device)
 
 
 def _checkpoint_file(path: str | os.PathLike) -> Path:
@@ -745,6 +703,6 @@ def build_tiny_msclap(directory: str | os.PathLike, seed: int = 0, *, safetensor
     return checkpoint, tokenizer_dir
 
 
-__all__ = ["Cnn14", "ConvBlock", "MsClapBackend", "MsClapConfig", "MsClapModel", "MsClapTextTower", "Projection",
+__all__ = ["Cnn14", "ConvBlock", "MsClapBackend", "MsClapConfig", "MsClapModel", "Projection",
            "build_tiny_msclap", "infer_msclap_config", "load_msclap_state_dict", "load_state_dict_strictly",
            "make_tiny_msclap_model", "msclap_audio_config", "tiny_msclap_config", "train_bert_tokenizer"]
