@@ -202,7 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", help="class names, comma-separated (or one per line in --classes-file)")
     parser.add_argument("--classes-file", type=Path)
     parser.add_argument("--corpus", type=Path, help="labelled caption corpus to train on instead of the datastore")
-    parser.add_argument("--label-set", choices=["esc50", "urbansound8k", "dcase2019", "fsd2019"],
+    parser.add_argument("--label-set", choices=["esc50", "urbansound8k", "dcase2019", "fsdkaggle2019"],
                         help="class names of an AFPT corpus (its labels are indices)")
     parser.add_argument("--eval", type=Path, help="labelled audio: folder of class folders, or CSV")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
