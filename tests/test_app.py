@@ -23,6 +23,8 @@ def service(tmp_path_factory, tiny_clap_dir, tiny_llama_dir) -> AudioScribe:
     config.datastore.sources = [str(captions)]
     config.llm.model = str(tiny_llama_dir)
     config.caption.num_beams, config.caption.max_new_tokens = 1, 8
+    t = config.tuning
+    t.prompt_len, t.epochs, t.min_texts_per_class, t.max_texts_per_class = 4, 2, 4, 12
     return AudioScribe.from_config(config, show_progress=False)
 
 
@@ -148,3 +150,27 @@ def test_app_script_help_and_bad_profile():
                          text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().endswith("or give a path to a .toml file")
     assert "error: Unknown profile 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tuned_prompts_stay_in_their_session(service, wav):
+    demo = build_demo(service)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    try:
+        alice, bob = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
+        report = alice.predict("dog, rain, siren", False, api_name="/tune_prompts")  # the state output stays hidden
+        assert "Tuned 3 classes" in report and "this browser session only" in report and "siren" in report
+        args = (handle_file(wav), "dog, rain, siren", "This is a sound of {}.", False, 0.5)
+        *_, alice_view = alice.predict(*args, api_name="/classify")
+        *_, bob_view = bob.predict(*args, api_name="/classify")
+        methods = {row[1] for row in alice_view["data"]}
+        assert methods == {"zero-shot", "tuned prompts"}
+        tuned = [row[2] for row in alice_view["data"] if row[1] == "tuned prompts"]
+        assert len(tuned) == 3 and sum(tuned) == pytest.approx(1.0, abs=1e-4)
+        assert {row[1] for row in bob_view["data"]} == {"zero-shot"}  # another user never sees Alice's prompts
+        *_, other_classes = alice.predict(handle_file(wav), "dog, cat", "This is a sound of {}.", False, 0.5,
+                                          api_name="/classify")
+        assert {row[1] for row in other_classes["data"]} == {"zero-shot"}
+        alice.close()
+        bob.close()
+    finally:
+        demo.close()
