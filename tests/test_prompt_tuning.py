@@ -208,3 +208,24 @@ def test_tuning_beats_the_template_baseline_on_held_out_captions(text_aware_clap
     # Measured here: held-in 0.56 -> 0.70, held-out 0.55 -> 0.68 (the tiny tower knows the class words weakly).
     assert text_side_accuracy(clap, tuned, train) >= template_accuracy(train) + 0.10
     assert text_side_accuracy(clap, tuned, held_out) >= template_accuracy(held_out) + 0.08
+
+
+def test_prompt_insertion_with_a_bert_tokenizer(tmp_path):
+    """MS-CLAP's BERT (WordPiece, [CLS] ... [SEP]): the prompts go after [CLS]; no prompts = the plain encoder."""
+    from engine.clap.msclap import MsClapBackend, build_tiny_msclap
+
+    checkpoint, tokenizer = build_tiny_msclap(tmp_path / "msclap", seed=0)
+    clap = MsClapBackend.from_checkpoint(checkpoint, tokenizer=str(tokenizer), device="cpu")
+    tower = clap.text_tower()
+    ids = tokenize_classes(tower, ["Dog barking", "rain"], max_tokens=16)
+    pieces = clap.tokenizer.convert_ids_to_tokens(ids.input_ids[0].tolist())
+    assert pieces[0] == "[CLS]" and pieces[1] == "dog" and "[SEP]" in pieces  # uncased WordPiece, no space marker
+    tokens = tower.embed_words(ids.input_ids)
+    prompts = torch.randn(5, tower.hidden_size)
+    spliced, mask = insert_prompts(tokens, ids.attention_mask, prompts)
+    assert torch.equal(spliced[:, 0], tokens[:, 0]) and torch.equal(spliced[:, 1:6], prompts.expand(2, 5, -1))
+    assert torch.equal(spliced[:, 6:], tokens[:, 1:]) and mask[:, :6].eq(1).all()
+    with torch.no_grad():
+        plain = prompted_class_embeddings(tower, ids.input_ids, ids.attention_mask, torch.empty(0, tower.hidden_size))
+    torch.testing.assert_close(torch.nn.functional.normalize(plain, dim=-1),
+                               clap.embed_text([" Dog barking", " rain"]), rtol=0, atol=1e-6)
