@@ -75,3 +75,13 @@ def test_cache_dir_defaults_to_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("AUDIOSCRIBE_CACHE", str(tmp_path))
     assert AppConfig().resolved_cache_dir() == tmp_path
     assert AppConfig(cache_dir=str(tmp_path / "c")).resolved_cache_dir() == tmp_path / "c"
+
+
+def test_every_shipped_profile_loads():
+    for name in list_profiles():
+        config = load_config(name, environ={})
+        assert config.profile == name
+        assert all(Path(p).is_file() for p in config.datastore.sources), name
+    drcap = load_config("drcap", environ={})
+    assert drcap.clap.backend == "drcap" and Path(drcap.clap.model).is_absolute()  # ../../models/... resolved
+    assert drcap.caption.checkpoint.endswith("models/drcap/model.pt")
