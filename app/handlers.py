@@ -37,6 +37,17 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def comparison_table(names: list[str], zero_shot: np.ndarray, tuned: np.ndarray | None) -> pd.DataFrame:
+    """Rows for the bar plot: each class's zero-shot bar followed by its tuned bar (Gradio's BarPlot stacks bars that
+    share an x value, so each bar gets its own label, in this order)."""
+    rows = []
+    for i, name in enumerate(names):
+        rows.append((f"{name} · zero-shot", "zero-shot", float(zero_shot[i])))
+        if tuned is not None:
+            rows.append((f"{name} · tuned", "tuned prompts", float(tuned[i])))
+    return pd.DataFrame(rows, columns=["class", "method", "score"])
+
+
 def describe_audio(audio: Audio) -> str:
     """One line about what was loaded, including any conversion, so sample-rate handling is never silent."""
     conversion = []
@@ -136,13 +147,11 @@ class Handlers:
         info = describe_audio(audio) + f" — {len(names)} classes, {mode}"
         if len(names) > MAX_WINDOW_COLUMNS:
             info += f" (per-window table: the {MAX_WINDOW_COLUMNS} best classes)"
-        comparison = pd.DataFrame({"class": names, "method": ["zero-shot"] * len(names),
-                                   "score": result.scores.astype(float)})
+        tuned_scores = None
         if tuned is not None:
             if [n.casefold() for n in tuned.class_names] != [n.casefold() for n in names]:
                 info += "  \nThe tuned prompts are for other class names: press *Tune prompts* again."
             else:
-                scores = self.service.classify_tuned(audio, tuned).scores["combined"]
-                comparison = pd.concat([comparison, pd.DataFrame(
-                    {"class": names, "method": ["tuned prompts"] * len(names), "score": scores.astype(float)})])
+                tuned_scores = self.service.classify_tuned(audio, tuned).scores["combined"]
+        comparison = comparison_table(names, result.scores, tuned_scores)
         return info, result.as_dict(), per_window, comparison

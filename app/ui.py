@@ -106,7 +106,7 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
                     classify_info = gr.Markdown()
                     scores = gr.Label(num_top_classes=10, label="Zero-shot scores (whole clip)")
                     comparison = gr.BarPlot(x="class", y="score", color="method", label="Zero-shot vs tuned prompts",
-                                            y_lim=[0, 1])
+                                            y_lim=[0, 1], x_label_angle=-40, x_title="")
                     window_scores = gr.Dataframe(label="Zero-shot scores per window", interactive=False)
                     tune_report = gr.Markdown()
             tuned_prompts = gr.State(None)  # per browser session: other users never see these prompts

@@ -93,7 +93,7 @@ def test_classify_returns_scores_for_the_typed_classes(client, service, wav):
         assert scores[name] == pytest.approx(expected[name], abs=1e-6)
     assert label["label"] == max(expected, key=expected.get)
     assert "3 classes, single-label" in info
-    zero_shot = {row[0]: row[2] for row in comparison["data"] if row[1] == "zero-shot"}
+    zero_shot = {row[0].split(" · ")[0]: row[2] for row in comparison["data"] if row[1] == "zero-shot"}
     assert zero_shot == pytest.approx(expected, abs=1e-6)  # no tuned prompts in this session yet: zero-shot only
     best_first = sorted(expected, key=expected.get, reverse=True)
     assert per_window["headers"] == ["start_s", "end_s", *best_first]
