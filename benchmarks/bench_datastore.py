@@ -484,13 +484,14 @@ def notes_for(res: dict) -> list[str]:
     return notes
 
 
-def write_section(path: Path, section: str) -> None:
-    """Insert or replace this script's section; leave other sections as they are."""
+def write_section(path: Path, section: str, title: str | None = None) -> None:
+    """Insert or replace the section headed ``title`` (default: this script's); leave other sections as they are."""
+    title = title or SECTION_TITLE
     if path.is_file():
         text = path.read_text(encoding="utf-8")
-        start = text.find(SECTION_TITLE + "\n")
+        start = text.find(title + "\n")
         if start >= 0:
-            end = text.find("\n## ", start + len(SECTION_TITLE))
+            end = text.find("\n## ", start + len(title))
             text = text[:start] + section.rstrip() + "\n" + (text[end:] if end >= 0 else "")
         else:
             text = text.rstrip() + "\n\n" + section.rstrip() + "\n"

@@ -117,16 +117,31 @@ class CaptionFeatures:
 @torch.no_grad()
 def caption_features(tower: TextTower, texts: Sequence[str], max_tokens: int, batch_size: int = 64
                      ) -> CaptionFeatures:
-    """Sentence and token embeddings of captions from the frozen text tower (eval mode), computed once."""
-    tokenized = tower.tokenize(list(texts), max_length=max_tokens)  # padded to the longest caption in the set
-    sentences, tokens = [], []
-    for start in range(0, len(texts), batch_size):
-        ids = tokenized.input_ids[start:start + batch_size]
-        mask = tokenized.attention_mask[start:start + batch_size]
-        hidden = tower.encode(tower.embed_words(ids), mask)  # [b, L, H]
-        sentences.append(F.normalize(tower.project(tower.sentence_features(hidden, mask)).float(), dim=-1).cpu())
-        tokens.append(F.normalize(tower.project(hidden[:, 1:]).float(), dim=-1).half().cpu())
-    return CaptionFeatures(torch.cat(sentences), torch.cat(tokens), tokenized.attention_mask[:, 1:].cpu())
+    """Sentence and token embeddings of captions from the frozen text tower (eval mode), computed once.
+
+    Captions are encoded in batches of similar length (each padded only to its own longest caption), then placed in
+    one [N, L, D] tensor padded to the longest caption of the set, with a mask.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    chunks = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        tokens = tower.tokenize([texts[i] for i in rows], max_length=max_tokens)
+        hidden = tower.encode(tower.embed_words(tokens.input_ids), tokens.attention_mask)  # [b, l, H]
+        sentence = F.normalize(tower.project(tower.sentence_features(hidden, tokens.attention_mask)).float(), dim=-1)
+        words = F.normalize(tower.project(hidden[:, 1:]).float(), dim=-1).half()  # [b, l-1, D]
+        chunks.append((rows, sentence.cpu(), words.cpu(), tokens.attention_mask[:, 1:].cpu()))
+    width = max(words.shape[1] for _, _, words, _ in chunks)
+    dim = chunks[0][1].shape[1]
+    sentences = torch.empty(len(texts), dim)
+    token_embeddings = torch.zeros(len(texts), width, dim, dtype=torch.float16)
+    mask = torch.zeros(len(texts), width, dtype=torch.long)
+    for rows, sentence, words, words_mask in chunks:
+        index = torch.tensor(rows)
+        sentences[index] = sentence
+        token_embeddings[index, :words.shape[1]] = words
+        mask[index, :words.shape[1]] = words_mask
+    return CaptionFeatures(sentences, token_embeddings, mask)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,6 +159,15 @@ class TunedPrompts:
     clap_name: str
     clap_fingerprint: str
     report: dict = field(default_factory=dict)  # texts per class, losses per epoch, time
+
+    def content_key(self) -> str:
+        """A hash of everything that determines the class embeddings (for caching them)."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([self.class_names, self.clap_fingerprint, asdict(self.config)]).encode())
+        for tensor in (self.coarse, self.fine):
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def save(self, directory: str | os.PathLike) -> Path:
         from safetensors.torch import save_file

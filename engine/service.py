@@ -51,6 +51,7 @@ class AudioScribe:
         self.clap = clap
         self.datastore = datastore
         self.captioner = captioner
+        self._classifiers: dict[str, PromptedClassifier] = {}  # prompt-set content hash -> class embeddings
 
     @classmethod
     def from_config(cls, config: AppConfig, show_progress: bool = True) -> AudioScribe:
@@ -118,7 +119,17 @@ class AudioScribe:
         return prompts
 
     def classify_tuned(self, audio: Audio, prompts: TunedPrompts) -> TunedClassification:
-        return PromptedClassifier(self.clap, prompts).classify(audio)
+        return self._prompted_classifier(prompts).classify(audio)
+
+    def _prompted_classifier(self, prompts: TunedPrompts) -> PromptedClassifier:
+        """Class embeddings of a prompt set are computed once, not per clip (seconds for a large CLAP). Keyed by the
+        prompts' content, so sessions never share anything but identical derived data; a few sets are kept."""
+        key = prompts.content_key()
+        if key not in self._classifiers:
+            if len(self._classifiers) >= 8:
+                self._classifiers.pop(next(iter(self._classifiers)))
+            self._classifiers[key] = PromptedClassifier(self.clap, prompts)
+        return self._classifiers[key]
 
     def status(self) -> dict[str, object]:
         """What is loaded, for logs and the app's header."""

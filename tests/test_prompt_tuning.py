@@ -229,3 +229,18 @@ def test_prompt_insertion_with_a_bert_tokenizer(tmp_path):
         plain = prompted_class_embeddings(tower, ids.input_ids, ids.attention_mask, torch.empty(0, tower.hidden_size))
     torch.testing.assert_close(torch.nn.functional.normalize(plain, dim=-1),
                                clap.embed_text([" Dog barking", " rain"]), rtol=0, atol=1e-6)
+
+
+def test_caption_features_do_not_depend_on_batch_mates(tiny_clap):
+    from engine.prompt_tuning import caption_features
+
+    tower = tiny_clap.text_tower()
+    texts = ["a dog", "rain falls on a tin roof while thunder rumbles far away", "bells ring", "wind"]
+    together = caption_features(tower, texts, 77, batch_size=2)
+    for i, text in enumerate(texts):
+        alone = caption_features(tower, [text], 77)
+        torch.testing.assert_close(together.sentence[i], alone.sentence[0], rtol=0, atol=1e-5)
+        length = int(alone.mask[0].sum())
+        assert int(together.mask[i].sum()) == length
+        torch.testing.assert_close(together.tokens[i, :length].float(), alone.tokens[0, :length].float(),
+                                   rtol=0, atol=2e-3)  # float16 storage

@@ -100,3 +100,21 @@ def test_cli_errors(scribe, tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("path,label\nx.wav,unicorn\n")
     assert tune_prompts.main(["--classes", "dog", "--eval", str(tmp_path / "bad.csv"), *cli_flags(scribe)]) == 2
     assert "not among the class names" in capsys.readouterr().err
+
+
+def test_class_embeddings_are_computed_once_per_prompt_set(scribe, monkeypatch):
+    import engine.service as service_module
+
+    prompts = scribe.tune_prompts(["dog", "rain"])
+    built = []
+    original = service_module.PromptedClassifier
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(service_module, "PromptedClassifier", counting)
+    audio = scribe.load((48_000, noise_clip(2.0)))
+    first = scribe.classify_tuned(audio, prompts).scores["combined"]
+    second = scribe.classify_tuned(audio, prompts).scores["combined"]
+    np.testing.assert_array_equal(first, second)
+    assert len(built) == 1
