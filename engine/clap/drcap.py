@@ -43,11 +43,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import re
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.clap import checkpoints
 from engine.clap.base import ClapBackend, EncoderTextTower, fingerprint_tensors, l2_normalize, resolve_device
+from engine.clap.checkpoints import STALE_BUFFER_SUFFIXES  # noqa: F401 - re-exported: it used to live here
 from engine.clap.tiny import UNTRAINED_MARKER
 from engine.config import AudioConfig
 from engine.errors import ModelLoadError
@@ -65,9 +66,6 @@ log = logging.getLogger(__name__)
 AUDIO_PREFIX = "audio_encoder.audio_enc."
 TEXT_PREFIX = "text_encoder.text_encoder."
 DEFAULT_TOKENIZER = "roberta-base"
-# Buffers that HF RoBERTa saved in some transformers versions and not in others (non-persistent since 4.31); a
-# checkpoint carrying them would otherwise fail a strict load ("Unexpected key(s) ... position_ids").
-STALE_BUFFER_SUFFIXES = (".position_ids", ".token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -521,7 +519,14 @@ class DrcapClapModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints: the reading and the strict load are engine.clap.checkpoints'; here are DRCap's key names and words
+
+_MODEL = "DRCap CLAP"
+_RELEASED_FILE = "a DRCap/WavCaps best_model.pt"
+_LAYOUT = "as WavCaps/DRCap save it"
+_ARCHITECTURE = "the DRCap CLAP (WavCaps ASE: HTSAT audio encoder + RoBERTa text encoder)"
+_PATH_HINT = ("clap.model must be the path of DRCap's CLAP checkpoint file (best_model.pt from the DRCap release, or "
+              "a .safetensors file made by convert_checkpoint_to_safetensors)")
 
 
 def infer_drcap_config(state_dict: Mapping[str, torch.Tensor],
@@ -537,11 +542,7 @@ def infer_drcap_config(state_dict: Mapping[str, torch.Tensor],
     """
     d = defaults or DrcapClapConfig()
     changes: dict[str, object] = {}
-
-    def shape(key: str) -> tuple[int, ...] | None:
-        value = state_dict.get(key)
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
+    shape = partial(checkpoints.tensor_shape, state_dict)
     if (s := shape(AUDIO_PREFIX + "audio_feats_extractor.mel_trans.stft.conv_real.weight")) and len(s) == 3:
         changes["n_fft"] = s[2]
     if (s := shape(AUDIO_PREFIX + "audio_feats_extractor.log_trans.melW")) and len(s) == 2:
@@ -572,25 +573,8 @@ def infer_drcap_config(state_dict: Mapping[str, torch.Tensor],
         changes["num_classes"] = s[0]
     if (s := shape("audio_proj.2.weight")) and len(s) == 2:
         changes["joint_dim"] = s[0]
-    if (s := shape(TEXT_PREFIX + "embeddings.word_embeddings.weight")) and len(s) == 2:
-        changes["text_vocab_size"], changes["text_hidden_size"] = s
-        if s[1] != d.text_hidden_size:
-            heads = max(1, s[1] // 64)
-            changes["text_heads"] = heads if s[1] % heads == 0 else 1
-    if (s := shape(TEXT_PREFIX + "embeddings.position_embeddings.weight")) and len(s) == 2:
-        changes["text_max_positions"] = s[0]
-    if (s := shape(TEXT_PREFIX + "embeddings.token_type_embeddings.weight")) and len(s) == 2:
-        changes["text_type_vocab_size"] = s[0]
-    layers = {int(m[1]) for key in state_dict
-              if (m := re.match(re.escape(TEXT_PREFIX) + r"encoder\.layer\.(\d+)\.", key))}
-    if layers:
-        changes["text_layers"] = max(layers) + 1
-    if (s := shape(TEXT_PREFIX + "encoder.layer.0.intermediate.dense.weight")) and len(s) == 2:
-        changes["text_intermediate_size"] = s[0]
-    try:
-        return replace(d, **changes)
-    except ValueError as e:
-        raise ModelLoadError(f"The checkpoint's tensor shapes describe an impossible DRCap CLAP: {e}") from e
+    changes.update(checkpoints.infer_hf_text_sizes(state_dict, TEXT_PREFIX, d.text_hidden_size))
+    return checkpoints.config_with(d, changes, _MODEL)
 
 
 def load_drcap_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -600,49 +584,7 @@ def load_drcap_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``"model"`` entry of a WavCaps-style training checkpoint (``{"model": ..., "epoch": ..., ...}``) or the whole
     file when it is a bare state dict. Stale HF buffers (``*.position_ids``, ``*.token_type_ids``) are dropped.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj: object = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-            raise ModelLoadError(f"Could not read the safetensors file {path}: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            # torch's weights-only unpickler names the class it refused ("Unsupported global: GLOBAL x.Y ...");
-            # other unpickling errors mean the file is not a torch checkpoint at all.
-            refused = [line.strip() for line in str(e).splitlines() if "global" in line.lower()]
-            if not refused:
-                raise ModelLoadError(f"Could not read the checkpoint {path} with torch.load: {str(e).strip()[:300]}. "
-                                     "It should be a DRCap/WavCaps best_model.pt or a .safetensors file.") from e
-            raise ModelLoadError(
-                f"The checkpoint {path} holds pickled Python objects besides tensors (for example a training config "
-                "object), and AudioScribe does not unpickle them: unpickling can run arbitrary code. If you trust the "
-                "file, convert it once with convert_checkpoint_to_safetensors (it unpickles the file, so only for "
-                "files you trust): python -c \"from engine.clap.drcap import convert_checkpoint_to_safetensors as c; "
-                f"c('{path}', '{path.with_suffix('.safetensors')}')\" and set clap.model to the .safetensors file. "
-                "(Saving {'model': model.state_dict()} with torch.save works too.) "
-                f"torch.load said: {refused[0]}") from e
-        except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
-            raise ModelLoadError(f"Could not read the checkpoint {path} with torch.load: {type(e).__name__}: {e}. "
-                                 "It should be a DRCap/WavCaps best_model.pt or a .safetensors file.") from e
-    return _state_dict_from(obj, path)
-
-
-def _state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not obj:
-        raise ModelLoadError(f"The checkpoint {path} holds no state dict (expected {{'model': state_dict}} as "
-                             "WavCaps/DRCap save it, or a bare state dict)")
-    others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if others:
-        raise ModelLoadError(f"The checkpoint {path} has no 'model' entry and is not a state dict: entries that are "
-                             f"not tensors: {', '.join(others[:10])}")
-    return {str(k): v for k, v in obj.items() if not str(k).endswith(STALE_BUFFER_SUFFIXES)}
+    return checkpoints.read_state_dict(path, released_file=_RELEASED_FILE, layout=_LAYOUT)
 
 
 def convert_checkpoint_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -654,50 +596,16 @@ def convert_checkpoint_to_safetensors(src: str | os.PathLike, dst: str | os.Path
     from safetensors.torch import save_file
 
     obj = torch.load(Path(src), map_location="cpu", weights_only=False)
-    state_dict = _state_dict_from(obj, Path(src))
+    state_dict = checkpoints.state_dict_from(obj, Path(src), layout=_LAYOUT)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in state_dict.items()}, str(dst))
     return dst
 
 
-def _key_group(key: str) -> str:
-    """'audio_encoder.audio_enc.layers.2.blocks.5.attn.qkv.weight' -> 'audio_encoder.audio_enc.layers'."""
-    parts = []
-    for part in key.split("."):
-        if part.isdigit() or len(parts) == 3:
-            break
-        parts.append(part)
-    return ".".join(parts) or key
-
-
-def _describe_keys(what: str, keys: Sequence[str]) -> str:
-    groups = Counter(_key_group(k) for k in keys)
-    listed = ", ".join(f"{group}: {count}" for group, count in groups.most_common())
-    more = f" (and {len(keys) - 10} more)" if len(keys) > 10 else ""
-    return f"{len(keys)} {what} key(s) [{listed}]: {', '.join(keys[:10])}{more}"
-
-
 def load_state_dict_strictly(model: DrcapClapModel, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Load every key; any missing or unexpected key or shape mismatch is a :class:`ModelLoadError` that names them."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith(STALE_BUFFER_SUFFIXES)}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}"
-                  for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(_describe_keys("missing", missing))
-        if unexpected:
-            problems.append(_describe_keys("unexpected", unexpected))
-        if mismatched:
-            more = f" (and {len(mismatched) - 10} more)" if len(mismatched) > 10 else ""
-            problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:10])}{more}")
-        raise ModelLoadError(
-            f"The checkpoint {source} does not match the DRCap CLAP (WavCaps ASE: HTSAT audio encoder + RoBERTa "
-            "text encoder) built from its own tensor shapes:\n  - " + "\n  - ".join(problems))
-    model.load_state_dict(state_dict, strict=False)  # strictness checked above (stale HF buffers aside)
+    checkpoints.load_state_dict_strictly(model, state_dict, source, architecture=_ARCHITECTURE)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -759,16 +667,13 @@ class DrcapClapBackend(ClapBackend):
         from the checkpoint (:func:`infer_drcap_config`) unless ``model_config`` is given.
         """
         torch_device = resolve_device(device)
-        checkpoint = _checkpoint_file(path)
+        checkpoint = checkpoints.checkpoint_file(path, model=_MODEL, hint=_PATH_HINT)
         state_dict = load_drcap_state_dict(checkpoint)
         config = model_config or infer_drcap_config(state_dict)
         model = DrcapClapModel(config)
         load_state_dict_strictly(model, state_dict, str(checkpoint))
-        if not isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer_object, tokenizer_name = tokenizer, type(tokenizer).__name__
-        else:
-            tokenizer_name = str(tokenizer) or DEFAULT_TOKENIZER
-            tokenizer_object = _load_tokenizer(tokenizer_name)
+        tokenizer_object, tokenizer_name = checkpoints.resolve_tokenizer(
+            tokenizer, default=DEFAULT_TOKENIZER, model=_MODEL, kind="a RoBERTa tokenizer")
         backend = cls(model, tokenizer_object, name=str(checkpoint), audio_config=audio_config or AudioConfig(),
                       device=torch_device, fp16=fp16, batch_size=batch_size, text_batch_size=text_batch_size,
                       max_text_tokens=max_text_tokens,
@@ -851,34 +756,6 @@ class DrcapClapBackend(ClapBackend):
         return l2_normalize(embeddings).cpu()
 
 
-def _checkpoint_file(path: str | os.PathLike) -> Path:
-    checkpoint = Path(path).expanduser()
-    if checkpoint.is_file():
-        return checkpoint
-    hint = ("clap.model must be the path of DRCap's CLAP checkpoint file (best_model.pt from the DRCap release, or a "
-            ".safetensors file made by convert_checkpoint_to_safetensors)")
-    if checkpoint.is_dir():
-        found = sorted(p.name for p in checkpoint.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".safetensors"))
-        listed = f"; it holds {', '.join(found)}" if found else ""
-        raise ModelLoadError(f"{checkpoint} is a folder, not a checkpoint file{listed}. {hint}")
-    raise ModelLoadError(f"The DRCap CLAP checkpoint {str(path)!r} does not exist. {hint}")
-
-
-def _load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = ("HF_HUB_OFFLINE is set, so only the local cache is used" if offline
-                 else "the hub could not be reached or the id does not exist")
-        raise ModelLoadError(
-            f"Could not load the DRCap CLAP text tokenizer {name!r} ({where}; {type(e).__name__}: {e}). The "
-            f"checkpoint does not carry one: download it once where there is internet (`hf download {name}`) or set "
-            "clap.tokenizer to a local folder holding a RoBERTa tokenizer.") from e
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # a tiny random model, for tests and offline development
 
@@ -922,8 +799,6 @@ def build_tiny_drcap_clap(directory: str | os.PathLike, seed: int = 0, *, safete
     "epoch": 0}`` (or ``directory/model.safetensors``) and ``directory/tokenizer``. The folder carries the
     untrained marker, so the backend loaded from it reports ``is_untrained``.
     """
-    import json
-
     from engine.clap.tiny import train_caption_tokenizer
 
     directory = Path(directory)
@@ -931,17 +806,10 @@ def build_tiny_drcap_clap(directory: str | os.PathLike, seed: int = 0, *, safete
     tokenizer = train_caption_tokenizer()
     tokenizer_dir = directory / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
-    state_dict = make_tiny_drcap_model(seed, len(tokenizer)).state_dict()
-    if safetensors:
-        from safetensors.torch import save_file
-
-        checkpoint = directory / "model.safetensors"
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(checkpoint))
-    else:
-        checkpoint = directory / "best_model.pt"
-        torch.save({"model": state_dict, "epoch": 0}, checkpoint)
-    (directory / UNTRAINED_MARKER).write_text(json.dumps(
-        {"what": "randomly initialised tiny DRCap CLAP; embeddings carry no meaning", "seed": seed}, indent=2))
+    checkpoint = checkpoints.write_untrained_checkpoint(
+        directory, make_tiny_drcap_model(seed, len(tokenizer)).state_dict(), released_file="best_model.pt",
+        extra={"epoch": 0}, safetensors=safetensors, seed=seed,
+        what="randomly initialised tiny DRCap CLAP; embeddings carry no meaning")
     return checkpoint, tokenizer_dir
 
 

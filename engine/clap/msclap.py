@@ -47,10 +47,10 @@ import contextlib
 import logging
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.clap import checkpoints
 from engine.clap.base import ClapBackend, EncoderTextTower, fingerprint_tensors, l2_normalize, resolve_device
 # torchlibrosa-compatible front end (STFT as conv with DFT kernels, slaney mel, power_to_db), shared with DRCap's
 # CLAP. Its modules read sample_rate/n_fft/n_mels/f_min/f_max/amin from the config they get, which MsClapConfig has.
-from engine.clap.drcap import STALE_BUFFER_SUFFIXES, _describe_keys, _LogMel, _PowerSpectrogram
+from engine.clap.drcap import _LogMel, _PowerSpectrogram
 from engine.clap.tiny import UNTRAINED_MARKER
 from engine.config import AudioConfig
 from engine.errors import ModelLoadError
@@ -309,7 +310,12 @@ class MsClapModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints: the reading and the strict load are engine.clap.checkpoints'; here are MS-CLAP's key names and words
+
+_MODEL = "MS-CLAP"
+_ARCHITECTURE = "MS-CLAP 2022 (Cnn14 audio encoder + BERT text encoder)"
+_PATH_HINT = (f"clap.model must be the path of MS-CLAP's {HUB_FILE} (hub: {HUB_REPO}, `hf download {HUB_REPO} "
+              f"{HUB_FILE}`), a .safetensors file of its state dict, or \"{HUB_REPO}\" to use the hub copy")
 
 
 def infer_msclap_config(state_dict: Mapping[str, torch.Tensor],
@@ -322,11 +328,7 @@ def infer_msclap_config(state_dict: Mapping[str, torch.Tensor],
     """
     d = defaults or MsClapConfig()
     changes: dict[str, object] = {}
-
-    def shape(key: str) -> tuple[int, ...] | None:
-        value = state_dict.get(key)
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-
+    shape = partial(checkpoints.tensor_shape, state_dict)
     if (s := shape(AUDIO_PREFIX + "spectrogram_extractor.stft.conv_real.weight")) and len(s) == 3:
         changes["n_fft"] = s[2]
     if (s := shape(AUDIO_PREFIX + "logmel_extractor.melW")) and len(s) == 2:
@@ -345,25 +347,8 @@ def infer_msclap_config(state_dict: Mapping[str, torch.Tensor],
         changes["num_classes"] = s[0]
     if (s := shape("audio_encoder.projection.linear1.weight")) and len(s) == 2:
         changes["joint_dim"] = s[0]
-    if (s := shape(TEXT_PREFIX + "embeddings.word_embeddings.weight")) and len(s) == 2:
-        changes["text_vocab_size"], changes["text_hidden_size"] = s
-        if s[1] != d.text_hidden_size:
-            heads = max(1, s[1] // 64)
-            changes["text_heads"] = heads if s[1] % heads == 0 else 1
-    if (s := shape(TEXT_PREFIX + "embeddings.position_embeddings.weight")) and len(s) == 2:
-        changes["text_max_positions"] = s[0]
-    if (s := shape(TEXT_PREFIX + "embeddings.token_type_embeddings.weight")) and len(s) == 2:
-        changes["text_type_vocab_size"] = s[0]
-    layers = {int(m[1]) for key in state_dict
-              if (m := re.match(re.escape(TEXT_PREFIX) + r"encoder\.layer\.(\d+)\.", key))}
-    if layers:
-        changes["text_layers"] = max(layers) + 1
-    if (s := shape(TEXT_PREFIX + "encoder.layer.0.intermediate.dense.weight")) and len(s) == 2:
-        changes["text_intermediate_size"] = s[0]
-    try:
-        return replace(d, **changes)
-    except ValueError as e:
-        raise ModelLoadError(f"The checkpoint's tensor shapes describe an impossible MS-CLAP model: {e}") from e
+    changes.update(checkpoints.infer_hf_text_sizes(state_dict, TEXT_PREFIX, d.text_hidden_size))
+    return checkpoints.config_with(d, changes, f"{_MODEL} model")
 
 
 def load_msclap_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -373,61 +358,12 @@ def load_msclap_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``"model"`` entry of a training checkpoint (``CLAP_weights_2022.pth`` is ``{"model": state_dict, ...}``) or the
     whole file when it is a bare state dict. Stale HF buffers (``*.position_ids``, ``*.token_type_ids``) are dropped.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj: object = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-            raise ModelLoadError(f"Could not read the safetensors file {path}: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(
-                f"The checkpoint {path} holds pickled Python objects besides tensors, and AudioScribe does not "
-                "unpickle them: unpickling can run arbitrary code. If you trust the file, convert it once to "
-                "safetensors (this unpickles it, so only for files you trust): python -c \"from engine.clap.drcap "
-                f"import convert_checkpoint_to_safetensors as c; c('{path}', '{path.with_suffix('.safetensors')}')\" "
-                "and set clap.model to the .safetensors file. "
-                f"torch.load said: {first_line}") from e
-        except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
-            raise ModelLoadError(f"Could not read the checkpoint {path} with torch.load: {type(e).__name__}: {e}. "
-                                 f"It should be MS-CLAP's {HUB_FILE} or a .safetensors file.") from e
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping) or not obj:
-        raise ModelLoadError(f"The checkpoint {path} holds no state dict (expected {{'model': state_dict}} as "
-                             f"{HUB_FILE} has it, or a bare state dict)")
-    others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if others:
-        raise ModelLoadError(f"The checkpoint {path} has no 'model' entry and is not a state dict: entries that are "
-                             f"not tensors: {', '.join(others[:10])}")
-    return {str(k): v for k, v in obj.items() if not str(k).endswith(STALE_BUFFER_SUFFIXES)}
+    return checkpoints.read_state_dict(path, released_file=f"MS-CLAP's {HUB_FILE}", layout=f"as {HUB_FILE} has it")
 
 
 def load_state_dict_strictly(model: MsClapModel, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """Load every key; any missing or unexpected key or shape mismatch is a :class:`ModelLoadError` naming them."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.endswith(STALE_BUFFER_SUFFIXES)}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}"
-                  for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(_describe_keys("missing", missing))
-        if unexpected:
-            problems.append(_describe_keys("unexpected", unexpected))
-        if mismatched:
-            more = f" (and {len(mismatched) - 10} more)" if len(mismatched) > 10 else ""
-            problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:10])}{more}")
-        raise ModelLoadError(
-            f"The checkpoint {source} does not match MS-CLAP 2022 (Cnn14 audio encoder + BERT text encoder) built "
-            "from its own tensor shapes:\n  - " + "\n  - ".join(problems))
-    model.load_state_dict(state_dict, strict=False)  # strictness checked above (stale HF buffers aside)
+    checkpoints.load_state_dict_strictly(model, state_dict, source, architecture=_ARCHITECTURE)
 
 
 def msclap_audio_config(audio: AudioConfig | None, max_window_s: float = 5.0) -> AudioConfig:
@@ -510,11 +446,8 @@ class MsClapBackend(ClapBackend):
         config = model_config or infer_msclap_config(state_dict)
         model = MsClapModel.empty(config)  # uninitialised: the strict load below fills every weight
         load_state_dict_strictly(model, state_dict, str(checkpoint))
-        if not isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer_object, tokenizer_name = tokenizer, type(tokenizer).__name__
-        else:
-            tokenizer_name = str(tokenizer) or DEFAULT_TOKENIZER
-            tokenizer_object = _load_tokenizer(tokenizer_name)
+        tokenizer_object, tokenizer_name = checkpoints.resolve_tokenizer(
+            tokenizer, default=DEFAULT_TOKENIZER, model=_MODEL, kind="the bert-base-uncased tokenizer")
         backend = cls(model, tokenizer_object, name=str(checkpoint), audio_config=audio_config,
                       device=torch_device, fp16=fp16, batch_size=batch_size, text_batch_size=text_batch_size,
                       max_text_tokens=max_text_tokens,
@@ -581,18 +514,9 @@ class MsClapBackend(ClapBackend):
 
 
 def _checkpoint_file(path: str | os.PathLike) -> Path:
-    if str(path) == HUB_REPO:
+    if str(path) == HUB_REPO:  # the released weights from the hub (or its cache)
         return _hub_checkpoint()
-    checkpoint = Path(path).expanduser()
-    if checkpoint.is_file():
-        return checkpoint
-    hint = (f"clap.model must be the path of MS-CLAP's {HUB_FILE} (hub: {HUB_REPO}, `hf download {HUB_REPO} "
-            f"{HUB_FILE}`), a .safetensors file of its state dict, or \"{HUB_REPO}\" to use the hub copy")
-    if checkpoint.is_dir():
-        found = sorted(p.name for p in checkpoint.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".safetensors"))
-        listed = f"; it holds {', '.join(found)}" if found else ""
-        raise ModelLoadError(f"{checkpoint} is a folder, not a checkpoint file{listed}. {hint}")
-    raise ModelLoadError(f"The MS-CLAP checkpoint {str(path)!r} does not exist. {hint}")
+    return checkpoints.checkpoint_file(path, model=_MODEL, hint=_PATH_HINT)
 
 
 def _hub_checkpoint() -> Path:
@@ -607,21 +531,6 @@ def _hub_checkpoint() -> Path:
         raise ModelLoadError(
             f"Could not get {HUB_FILE} from {HUB_REPO} ({where}; {type(e).__name__}: {e}). Download it once where "
             f"there is internet (`hf download {HUB_REPO} {HUB_FILE}`) and set clap.model to the file.") from e
-
-
-def _load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = ("HF_HUB_OFFLINE is set, so only the local cache is used" if offline
-                 else "the hub could not be reached or the id does not exist")
-        raise ModelLoadError(
-            f"Could not load the MS-CLAP text tokenizer {name!r} ({where}; {type(e).__name__}: {e}). The "
-            f"checkpoint does not carry one: download it once where there is internet (`hf download {name}`) or set "
-            "clap.tokenizer to a local folder holding the bert-base-uncased tokenizer.") from e
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -682,24 +591,14 @@ def build_tiny_msclap(directory: str | os.PathLike, seed: int = 0, *, safetensor
     (or ``directory/model.safetensors``) and ``directory/tokenizer``. The folder carries the untrained marker, so the
     backend loaded from it reports ``is_untrained``.
     """
-    import json
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = train_bert_tokenizer()
     tokenizer_dir = directory / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
-    state_dict = make_tiny_msclap_model(seed, len(tokenizer)).state_dict()
-    if safetensors:
-        from safetensors.torch import save_file
-
-        checkpoint = directory / "model.safetensors"
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(checkpoint))
-    else:
-        checkpoint = directory / HUB_FILE
-        torch.save({"model": state_dict}, checkpoint)
-    (directory / UNTRAINED_MARKER).write_text(json.dumps(
-        {"what": "randomly initialised tiny MS-CLAP 2022; embeddings carry no meaning", "seed": seed}, indent=2))
+    checkpoint = checkpoints.write_untrained_checkpoint(
+        directory, make_tiny_msclap_model(seed, len(tokenizer)).state_dict(), released_file=HUB_FILE,
+        safetensors=safetensors, seed=seed, what="randomly initialised tiny MS-CLAP 2022; embeddings carry no meaning")
     return checkpoint, tokenizer_dir
 
 
