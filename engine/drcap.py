@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,30 +285,72 @@ class CheckpointInfo:
 
 
 def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
-    """Read our checkpoint folder (model.safetensors + drcap_config.json) or DRCap's released model.pt.
+    """Read mapping network + LoRA weights from any of the layouts a user may have:
 
-    model.pt is read with ``weights_only=True``: only tensors and plain containers, never arbitrary objects.
+    - our folder: model.safetensors + drcap_config.json (written by trainers.train_drcap);
+    - DRCap's released model.pt (a flat state dict), or a folder holding it;
+    - a peft adapter folder (adapter_config.json + adapter_model.safetensors/.bin) for the LoRA part, next to a
+      model.pt or encoder_projector weights for the mapping network.
+
+    .pt/.bin files are read with ``weights_only=True``: only tensors and plain containers, never arbitrary objects.
+    LoRA settings (r, alpha, dropout, target modules) come from adapter_config.json when there is one.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if path.is_dir():
-        if not (path / WEIGHTS_FILE).is_file():
-            raise ModelLoadError(f"{path} is not a DRCap checkpoint: no {WEIGHTS_FILE} (nor is it a model.pt file)")
+    if path.is_dir() and (path / WEIGHTS_FILE).is_file():
         meta = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
-        return CheckpointInfo(path, load_file(str(path / WEIGHTS_FILE)), meta)
+        return CheckpointInfo(path, _load_tensors(path / WEIGHTS_FILE), meta)
+    if path.is_dir():
+        weights = _peft_adapter_weights(path)
+        for name in ("model.pt", "model.safetensors", "encoder_projector.pt"):
+            if (path / name).is_file():
+                weights = {**_load_tensors(path / name), **weights}
+        if "encoder_projector.linear1.weight" not in weights:
+            raise ModelLoadError(f"{path} holds no DRCap mapping network: expected {WEIGHTS_FILE} (ours), DRCap's "
+                                 "model.pt, or a peft adapter folder next to a model.pt")
+        return CheckpointInfo(path, weights, _lora_meta(path))
     if not path.is_file():
         raise ModelLoadError(f"DRCap checkpoint {path} does not exist")
+    weights = _load_tensors(path)
+    if "encoder_projector.linear1.weight" not in weights:
+        raise ModelLoadError(f"{path} holds no DRCap mapping network (encoder_projector.linear1.weight)")
+    return CheckpointInfo(path, weights, _lora_meta(path.parent))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     if path.suffix == ".safetensors":
-        return CheckpointInfo(path, load_file(str(path)), {})
+        return load_file(str(path))
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals come as several exception types
         raise ModelLoadError(f"{path} could not be read as a tensors-only checkpoint ({e}). AudioScribe never "
                              "unpickles arbitrary objects; save the state dict alone or as safetensors.") from e
-    if not isinstance(weights, dict) or "encoder_projector.linear1.weight" not in weights:
-        raise ModelLoadError(f"{path} holds no DRCap mapping network (encoder_projector.linear1.weight)")
-    return CheckpointInfo(path, dict(weights), {})
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ModelLoadError(f"{path} is not a flat state dict of tensors")
+    return dict(weights)
+
+
+def _peft_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """LoRA weights of a peft adapter folder under DRCap's names (peft saves them without the adapter name)."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            saved = _load_tensors(folder / name)
+            return {"llm." + re.sub(r"\.lora_([AB])\.weight$", r".lora_\1.default.weight", key): value
+                    for key, value in saved.items()}
+    return {}
+
+
+def _lora_meta(folder: Path) -> dict:
+    """{"lora": {...}} from a peft adapter_config.json in ``folder``, else {}."""
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        return {}
+    config = json.loads(config_file.read_text())
+    targets = config.get("target_modules") or ["q_proj", "v_proj"]
+    return {"lora": {"lora_r": int(config.get("r", 8)), "lora_alpha": int(config.get("lora_alpha", 32)),
+                     "lora_dropout": float(config.get("lora_dropout", 0.05)),
+                     "lora_targets": sorted(targets) if isinstance(targets, list) else [targets]}}
 
 
 def write_checkpoint(directory: str | os.PathLike, model: DrcapModel, meta: dict) -> Path:

@@ -305,3 +305,29 @@ def test_captioner_with_drcaps_own_clap(tmp_path, tiny_llama_dir):
     pooled = clap.embed_audio([audio])
     _, weights = project_onto_support(pooled, store.support, float(clap.model.temp))
     assert result.clip.support_top[0][1] == pytest.approx(float(weights.max()), rel=1e-5)
+
+
+def test_drcap_release_folder_with_a_peft_adapter(tmp_path, tiny_clap, tiny_clap_dir, tiny_llama_dir):
+    """DRCap's release folder: model.pt with the mapping network, and the LoRA as a peft adapter folder."""
+    config = app_config(tiny_clap_dir, tiny_llama_dir)
+    config.llm.lora_r = 4  # the adapter's own rank must win over the config's
+    reference_config = app_config(tiny_clap_dir, tiny_llama_dir)
+    reference_config.llm.lora_r, reference_config.llm.lora_alpha = 4, 16
+    reference = build_model(load_llm(reference_config.llm), tiny_clap, reference_config, None, trainable=True)
+    randomize_adapters(reference, seed=5)
+    release = tmp_path / "release"
+    reference.llm.save_pretrained(release)  # peft: adapter_config.json + adapter_model.safetensors
+    torch.save({k: v for k, v in reference.named_parameters() if k.startswith("encoder_projector.")},
+               release / "model.pt")
+    info = read_checkpoint(release)
+    assert info.meta["lora"]["lora_r"] == 4 and info.meta["lora"]["lora_alpha"] == 16
+    config.llm.lora_r, config.llm.lora_alpha = 8, 32
+    loaded = build_model(load_llm(config.llm), tiny_clap, config, info, trainable=False)
+    embeddings = tiny_clap.embed_text(["a dog barks"])
+    reference.eval()
+    with torch.no_grad():
+        assert torch.equal(reference.loss(embeddings, [SIMILAR], ["a dog"]), loaded.loss(embeddings, [SIMILAR],
+                                                                                          ["a dog"]))
+    (release / "model.pt").unlink()
+    with pytest.raises(ModelLoadError, match="holds no DRCap mapping network"):
+        read_checkpoint(release)
