@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from engine.clap.base import l2_normalize  # noqa: E402
 from engine.clap.hf import HFClapBackend  # noqa: E402
-from engine.clap.tiny import UNTRAINED_MARKER, build_tiny_clap  # noqa: E402
+from engine.clap.tiny import UNTRAINED_MARKER, build_tiny_clap, train_caption_tokenizer  # noqa: E402
 from engine.config import DatastoreConfig  # noqa: E402
 from engine.datastore import CaptionDatastore, DatastoreManifest, read_captions, unique_captions  # noqa: E402
 
@@ -105,7 +105,7 @@ def build_full_random_clap(directory: Path, training_captions: Sequence[str], se
     """``ClapModel(ClapConfig())`` with random weights + ``ClapFeatureExtractor()`` + a RoBERTa-style tokenizer."""
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
-    tokenizer = train_caption_tokenizer(training_captions)
+    tokenizer = train_caption_tokenizer(training_captions, vocab_size=50_265, min_frequency=2)
     config = ClapConfig()  # default = laion/clap-htsat-unfused's architecture
     if len(tokenizer) > config.text_config.vocab_size:
         config = ClapConfig(text_config=dict(vocab_size=len(tokenizer)))
@@ -120,21 +120,6 @@ def build_full_random_clap(directory: Path, training_captions: Sequence[str], se
         {"what": "benchmark-only: ClapModel(ClapConfig()) with random weights", "seed": seed}, indent=2))
     return {"tokenizer_vocab": len(tokenizer), "model_vocab": config.text_config.vocab_size,
             "params": sum(p.numel() for p in model.parameters())}
-
-
-def train_caption_tokenizer(captions: Sequence[str], vocab_size: int = 50_265):
-    """A RoBERTa-style byte-level BPE tokenizer (same recipe as engine/clap/tiny.py) trained on the captions."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaTokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(list(captions), vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = bpe.save_model(tmp)
-        vocab = json.loads(Path(vocab_file).read_text())
-        merges = [tuple(line.split(" ")) for line in Path(merges_file).read_text().splitlines()[1:] if line]
-    return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def load_model(name: str, workdir: Path, captions: Sequence[str]) -> tuple[HFClapBackend, dict]:

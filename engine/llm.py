@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,19 +162,10 @@ def build_tiny_llama(directory: str | os.PathLike, seed: int = 0, hidden_size: i
 
 
 def ensure_tiny_llama(models_dir: str | os.PathLike) -> Path:
-    """The cached tiny Llama under ``models_dir``, built on first use (atomically)."""
-    target = Path(models_dir) / f"tiny-random-llama-v{TINY_LLAMA_VERSION}"
-    if (target / UNTRAINED_MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
-    try:
-        build_tiny_llama(staging)
-        if not target.exists():
-            staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The cached tiny Llama under ``models_dir``, built on first use."""
+    from engine.clap.tiny import build_once
+
+    return build_once(Path(models_dir) / f"tiny-random-llama-v{TINY_LLAMA_VERSION}", build_tiny_llama)
 
 
 def train_llama_tokenizer(vocab_size: int = 2000):

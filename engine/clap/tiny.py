@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -86,26 +87,29 @@ def _spread_weights(model: torch.nn.Module, std: float) -> None:
 
 
 def ensure_tiny_clap(models_dir: str | os.PathLike) -> Path:
-    """The cached tiny CLAP under ``models_dir``, built on first use (atomically, so a crash leaves no half copy)."""
-    target = Path(models_dir) / f"tiny-random-clap-v{TINY_CLAP_VERSION}"
-    if (target / UNTRAINED_MARKER).is_file():
+    """The cached tiny CLAP under ``models_dir``, built on first use."""
+    return build_once(Path(models_dir) / f"tiny-random-clap-v{TINY_CLAP_VERSION}", build_tiny_clap)
+
+
+def build_once(target: Path, build: Callable[[Path], object], marker: str = UNTRAINED_MARKER) -> Path:
+    """``target`` if it is complete (holds ``marker``), else built by ``build(folder)`` in a staging folder and
+    renamed into place, so a crash leaves no half copy and a concurrent build that finished first wins."""
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-clap-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_clap(staging)
-        if target.exists():  # a concurrent process finished first
-            shutil.rmtree(staging)
-        else:
+        build(staging)
+        if not target.exists():
             staging.rename(target)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def train_caption_tokenizer():
-    """A RoBERTa-style byte-level BPE tokenizer trained on the corpus above (milliseconds).
+def train_caption_tokenizer(corpus: Sequence[str] | None = None, vocab_size: int = 600, min_frequency: int = 1):
+    """A RoBERTa-style byte-level BPE tokenizer trained on ``corpus`` (default: the sound vocabulary above, in
+    milliseconds).
 
     Special tokens get RoBERTa's ids (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4), so tiny RoBERTa text towers built
     for it (the tiny HF CLAP here, the tiny DRCap CLAP in engine.clap.drcap) use RoBERTa's padding index.
@@ -114,7 +118,8 @@ def train_caption_tokenizer():
     from transformers import RobertaTokenizer  # tokenizers-backed in transformers 5
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([line for line in _TOKENIZER_CORPUS if line], vocab_size=600, min_frequency=1,
+    lines = [line for line in (_TOKENIZER_CORPUS if corpus is None else corpus) if line]
+    bpe.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=min_frequency,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         vocab_file, merges_file = bpe.save_model(tmp)
