@@ -36,6 +36,20 @@ def untrained_parts(service: AudioScribe) -> list[str]:
     return parts
 
 
+KNOWS_NOTE = (
+    '<div id="model-knows" role="note" style="background:#eef6ff;border:1px solid #60a5fa;border-radius:8px;'
+    'padding:10px 14px;color:#1e3a8a">ℹ️ <b>What this model knows.</b> The CLAP is {about}. Sounds outside its '
+    "corpus get the nearest thing it knows, with confidence it has not earned. For real-world audio use a "
+    "LAION-CLAP or DRCap checkpoint (README: Profiles).</div>"
+)
+
+
+def default_class_names(service: AudioScribe) -> str:
+    """The CLAP's own classes when it lists them (the demo bundle), else everyday sound classes."""
+    known = service.clap.known_classes
+    return "\n".join(known[:10]) if known else DEFAULT_CLASSES
+
+
 def header_markdown(service: AudioScribe) -> str:
     s = service.status()
     store = f"{s['datastore_size']:,} captions ({s['datastore_index']} index)" if s["datastore_size"] else "none"
@@ -44,7 +58,7 @@ def header_markdown(service: AudioScribe) -> str:
 
 
 def example_clips() -> list[list[str]]:
-    """The shipped example clips (speech wav, siren ogg, rain flac; see assets/examples/make_examples.sh)."""
+    """The shipped example clips (assets/examples; their sources and licenses are in its README)."""
     return [[str(p)] for p in sorted(EXAMPLES_DIR.iterdir()) if p.suffix in (".wav", ".ogg", ".flac")]
 
 
@@ -57,6 +71,8 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
         parts = untrained_parts(service)
         if parts:
             gr.HTML(UNTRAINED_BANNER.format(parts="; ".join(parts)))
+        if service.clap.about:
+            gr.HTML(KNOWS_NOTE.format(about=html.escape(service.clap.about)))
         if service.captioner is not None and service.captioner.llm.notice:
             gr.Markdown(f"ℹ️ {service.captioner.llm.notice}")
 
@@ -68,7 +84,7 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
                     with gr.Row():
                         caption_button = gr.Button("Describe", variant="primary")
                         retrieve_button = gr.Button("Retrieve only")
-                    gr.Examples(example_clips(), inputs=[caption_audio], label="Synthesized example clips")
+                    gr.Examples(example_clips(), inputs=[caption_audio], label="Example clips")
                 with gr.Column():
                     caption_info = gr.Markdown()
                     generated = gr.Textbox(label="Generated caption (DRCap, whole clip)", interactive=False)
@@ -86,7 +102,7 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     classify_audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio")
-                    class_names = gr.Textbox(DEFAULT_CLASSES, lines=8, label="Class names",
+                    class_names = gr.Textbox(default_class_names(service), lines=8, label="Class names",
                                              info="One per line or comma-separated")
                     templates = gr.Textbox("\n".join(cfg.classify.templates), lines=2, label="Prompt templates",
                                            info="One per line, {} marks the class name; several are averaged")
@@ -101,7 +117,7 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
                     gr.Markdown("*Tune prompts* learns prompt vectors for the class names above from captions in "
                                 "the datastore that mention them (no audio needed), then *Classify* shows tuned "
                                 "next to zero-shot scores. The tuned prompts are kept for this browser session only.")
-                    gr.Examples(example_clips(), inputs=[classify_audio], label="Synthesized example clips")
+                    gr.Examples(example_clips(), inputs=[classify_audio], label="Example clips")
                 with gr.Column():
                     classify_info = gr.Markdown()
                     scores = gr.Label(num_top_classes=10, label="Zero-shot scores (whole clip)")

@@ -83,15 +83,25 @@ class ClassifyConfig:
 
 @dataclass
 class PromptTuningConfig:
-    """Audio-free prompt tuning (AFPT, Li et al. ICASSP 2024). Defaults are the paper code's unless noted."""
+    """Audio-free prompt tuning (AFPT, Li et al. ICASSP 2024).
 
+    The defaults deviate from the paper's code where a comment says so; ``preset = "reference"`` restores the code's
+    values (see :data:`TUNING_PRESETS`, the one place presets are defined). Build a preset in code with
+    :meth:`from_preset`; ``PromptTuningConfig(preset=...)`` alone only records the name.
+    """
+
+    preset: str = "default"  # "default" | "reference" (AFPT's code): a named set of the values below (TUNING_PRESETS)
     prompt_len: int = 32  # vectors per prompt set (coarse and fine), shared across classes
     init_std: float = 0.02
     class_max_tokens: int = 24  # tokens for " <class name>" incl. special tokens (AFPT: 68 = 100 - 32)
     caption_max_tokens: int = 77  # caption tokens for the frozen caption features (AFPT: 100)
+    # Deviation: pad each batch of captions only to its longest caption. True = AFPT's code: every caption padded to
+    # caption_max_tokens, and (with mask_padding = false) the pads' token features take part in the fine pooling.
+    pad_captions_to_max: bool = False
+    caption_tokens_fp32: bool = False  # deviation: caption token features kept in float16 (half the memory)
     token_temperature: float = 0.1  # softmax pooling over caption tokens / audio frames
     mask_padding: bool = True  # deviation: padding gets -inf in the token softmax; False = AFPT's leaky 0-logit mask
-    double_embedding: bool = False  # True = AFPT's code: class tokens pass the embedding layer twice (see docs)
+    double_embedding: bool = False  # deviation; True = AFPT's code: class tokens pass the embedding layer twice
     train_dropout: bool = True  # AFPT encodes the class prompts with the text tower in training mode (dropout on)
     multi_label: bool = False  # ranking loss on raw cosines (AFPT's multi-label mode) instead of cross-entropy
     ranking_scale: float = 5.0
@@ -103,6 +113,45 @@ class PromptTuningConfig:
     min_texts_per_class: int = 16
     max_texts_per_class: int = 128
     logit_scale_max: float = 100.0  # AFPT clamps exp(logit_scale) to at most 100
+
+    def __post_init__(self) -> None:
+        _check_preset(self.preset)  # an unknown name fails here, not silently later
+
+    @classmethod
+    def from_preset(cls, preset: str, **explicit: object) -> PromptTuningConfig:
+        """The preset's values, then ``explicit`` ones on top (explicit settings always win)."""
+        return cls(**{**tuning_preset(preset), "preset": preset, **explicit})
+
+
+# Presets of the tuning section: named sets of field values, applied before any explicit setting (from a profile,
+# the environment, --set or --preset), which therefore always wins. "default" is the dataclass defaults above.
+TUNING_PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    # Reproduces the numbers of AFPT's code (Ming-er/Audio-Free-P-Tuning @0b7d7ee), not only its formulas:
+    # BERT's 100-token text length for captions (pads included in the fine pooling through the leaky mask) and for
+    # class prompts (68 tokens + 32 prompts), the double embedding pass, float32 features, and its hyper-parameters.
+    # Token lengths are capped to what the CLAP's text tower takes (100 fits every real CLAP here).
+    "reference": {
+        "mask_padding": False, "double_embedding": True, "pad_captions_to_max": True, "caption_tokens_fp32": True,
+        "caption_max_tokens": 100, "class_max_tokens": 68, "train_dropout": True, "prompt_len": 32,
+        "init_std": 0.02, "token_temperature": 0.1, "ranking_scale": 5.0, "lr": 2e-3, "weight_decay": 0.01,
+        "epochs": 10, "batch_size": 24, "logit_scale_max": 100.0,
+    },
+}
+
+
+def tuning_preset(name: str) -> dict[str, object]:
+    """The values a tuning preset sets: every field that any preset names, from this preset or else the dataclass
+    default (so switching from "reference" back to "default" undoes all of it). Unknown names are a ConfigError."""
+    _check_preset(name)
+    defaults = {f.name: f.default for f in fields(PromptTuningConfig)}
+    named = {key for values in TUNING_PRESETS.values() for key in values}
+    return {key: TUNING_PRESETS[name].get(key, defaults[key]) for key in sorted(named)}
+
+
+def _check_preset(name: str) -> None:
+    if name not in TUNING_PRESETS:
+        raise ConfigError(f"tuning.preset must be one of {', '.join(TUNING_PRESETS)}, got {name!r}")
 
 
 @dataclass
@@ -189,6 +238,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 _PATH_FIELDS = {("datastore", "path"), ("datastore", "sources"), ("caption", "checkpoint"), ("caption", "support")}
 # Fields that hold a hub id or a path: only values starting with ./ or ../ are paths relative to the profile file.
 _MAYBE_PATH_FIELDS = {("clap", "model"), ("clap", "tokenizer"), ("llm", "model")}
+# Settings that name a preset (a set of values of their section): applied before every explicit setting.
+_PRESET_SETTINGS = {"tuning.preset"}
 
 
 def list_profiles() -> list[str]:
@@ -215,16 +266,20 @@ def load_config(
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"Profile {profile_path} is not valid TOML: {e}") from e
-    _apply_mapping(config, data, origin=str(profile_path), base_dir=profile_path.parent)
+    assignments = _mapping_assignments(data, origin=str(profile_path), base_dir=profile_path.parent)
     for key, raw in sorted(environ.items()):
         if key.startswith(ENV_PREFIX) and "__" in key:
             section, name = key[len(ENV_PREFIX):].lower().split("__", 1)
-            set_field(config, f"{section}.{name}", raw, origin=f"environment variable {key}")
+            assignments.append((f"{section}.{name}", raw, f"environment variable {key}", None))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"Override {item!r} must look like section.field=value, e.g. clap.device=cpu")
         dotted, raw = item.split("=", 1)
-        set_field(config, dotted.strip(), raw.strip(), origin=f"override {item!r}")
+        assignments.append((dotted.strip(), raw.strip(), f"override {item!r}", None))
+    # Presets first (a stable sort keeps source order otherwise): a preset is a named set of defaults, so every
+    # explicit setting wins over it, whichever source each comes from.
+    for dotted, raw, origin, base_dir in sorted(assignments, key=lambda a: a[0] not in _PRESET_SETTINGS):
+        set_field(config, dotted, raw, origin=origin, base_dir=base_dir)
     return config
 
 
@@ -242,6 +297,9 @@ def set_field(config: AppConfig, dotted: str, raw: object, origin: str = "", bas
         known = ", ".join(f.name for f in fields(target) if f.name not in _SECTIONS)
         raise ConfigError(f"Unknown setting {dotted!r} in {origin}; known here: {known}")
     value = _coerce(raw, types[name], dotted, origin)
+    if dotted in _PRESET_SETTINGS:  # a preset sets its whole set of values (load_config applies presets first)
+        for preset_field, preset_value in tuning_preset(str(value)).items():
+            setattr(target, preset_field, preset_value)
     if base_dir is not None and ((parts[0], name) in _PATH_FIELDS or (
             (parts[0], name) in _MAYBE_PATH_FIELDS and str(value).startswith(("./", "../")))):
         value = _resolve_paths(value, base_dir)
@@ -267,13 +325,15 @@ def _find_profile(profile: str) -> Path:
     return shipped
 
 
-def _apply_mapping(config: AppConfig, data: Mapping, origin: str, base_dir: Path) -> None:
+def _mapping_assignments(data: Mapping, origin: str, base_dir: Path) -> list[tuple[str, object, str, Path | None]]:
+    """(dotted name, raw value, origin, base folder) for every setting in a profile's TOML data."""
+    out: list[tuple[str, object, str, Path | None]] = []
     for key, value in data.items():
         if isinstance(value, Mapping):
-            for name, inner in value.items():
-                set_field(config, f"{key}.{name}", inner, origin=origin, base_dir=base_dir)
+            out.extend((f"{key}.{name}", inner, origin, base_dir) for name, inner in value.items())
         else:
-            set_field(config, key, value, origin=origin, base_dir=base_dir)
+            out.append((key, value, origin, base_dir))
+    return out
 
 
 def _resolve_paths(value: str | list[str], base_dir: Path) -> str | list[str]:
@@ -413,3 +473,28 @@ def fill_dataclass(cls: type, values: Mapping[str, object], origin: str = "comma
             raise ConfigError(f"Unknown setting {name!r} in {origin}")
         setattr(instance, name, _coerce(raw, types[name], name, origin))
     return instance
+
+
+@dataclass
+class DemoClapTrainConfig:
+    """Contrastive training of the demo CLAP's audio tower against the frozen sentence encoder (trainers/
+    train_demo_clap.py). The corpus is a soundworld build (trainers/soundworld)."""
+
+    corpus: str = "data/soundworld"  # a soundworld build folder (manifest.jsonl, clips/)
+    out: str = "runs/demo_clap"  # the trained model folder (demo_clap.json + model.safetensors)
+    extra_text: list[str] = field(default_factory=list)  # caption files that shape the text projection's PCA init
+    extra_text_max: int = 10_000  # at most this many of them (evenly spaced)
+    sentence_cache: str = ""  # an .npz memo of MiniLM sentence features, reused across runs ("" = none)
+    embedding_dim: int = 128
+    channels: list[str] = field(default_factory=lambda: ["16", "32", "64", "128", "256"])
+    train_text_projection: bool = False  # False keeps the PCA projection: MiniLM's geometry for unseen wordings
+    text_lr_scale: float = 0.1  # the text projection's learning rate relative to lr, when it is trained
+    same_labels_weight: float = 0.5  # target weight of other clips with the same label set (the clip itself: 1)
+    epochs: int = 12
+    minutes: float = 0.0  # stop after this much training time (0 = no limit); the best epoch is kept
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    freq_mask: int = 8  # SpecAugment: mask up to this many mel bands (0 = off)
+    seed: int = 0
+    threads: int = 0  # torch threads (0 = torch's default)

@@ -168,13 +168,15 @@ def ensure_tiny_llama(models_dir: str | os.PathLike) -> Path:
     return build_once(Path(models_dir) / f"tiny-random-llama-v{TINY_LLAMA_VERSION}", build_tiny_llama)
 
 
-def train_llama_tokenizer(vocab_size: int = 2000):
-    """A Llama-style tokenizer (<s>=1, </s>=2, pad=EOS) with byte-level BPE trained on the shipped captions."""
+def train_llama_tokenizer(vocab_size: int = 2000, lines: list[str] | None = None):
+    """A Llama-style tokenizer (<s>=1, </s>=2, pad=EOS) with byte-level BPE trained on ``lines`` (default: the
+    shipped AudioCaps captions) and DRCap's prompt words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    captions = (Path(__file__).resolve().parent.parent / "assets" / "captions" / "audiocaps_train.txt")
-    lines = captions.read_text(encoding="utf-8").splitlines()
+    if lines is None:
+        captions = (Path(__file__).resolve().parent.parent / "assets" / "captions" / "audiocaps_train.txt")
+        lines = captions.read_text(encoding="utf-8").splitlines()
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     bpe.decoder = decoders.ByteLevel()

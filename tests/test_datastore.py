@@ -167,6 +167,20 @@ def test_save_load_round_trip(store, tiny_clap, tmp_path):
     assert CaptionDatastore.load(tmp_path / "ds", tiny_clap).captions[-1] == "A brand new caption"
 
 
+def test_compact_save_halves_the_embeddings_and_rebuilds_the_exact_index(store, tiny_clap, tmp_path):
+    store.save(tmp_path / "full")
+    store.save(tmp_path / "compact", compact=True)
+    assert not (tmp_path / "compact" / "index.faiss").exists()
+    full_bytes = (tmp_path / "full" / "embeddings.npy").stat().st_size
+    assert (tmp_path / "compact" / "embeddings.npy").stat().st_size < 0.55 * full_bytes
+    loaded = CaptionDatastore.load(tmp_path / "compact", tiny_clap)
+    assert loaded.embeddings.dtype == np.float32 and loaded.captions == store.captions
+    np.testing.assert_allclose(np.linalg.norm(loaded.embeddings, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(loaded.embeddings, store.embeddings, atol=2e-3)
+    q = queries(tiny_clap)
+    np.testing.assert_allclose(loaded.search(q, 5).scores, store.search(q, 5).scores, atol=2e-3)
+
+
 def test_ivf_round_trip(tiny_clap, captions, tmp_path):
     approx = CaptionDatastore.build(captions, tiny_clap, DatastoreConfig(exact_max_size=1000), show_progress=False)
     approx.save(tmp_path / "ivf")

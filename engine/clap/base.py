@@ -165,6 +165,8 @@ class ClapBackend(ABC):
     logit_scale: float  # multiplies audio-text cosine similarities into logits (1 / temperature)
     fingerprint: str  # identifies the weights; datastores record it
     is_untrained: bool = False  # True for randomly initialised weights (the UI says so)
+    about: str = ""  # what a narrowly trained model knows, in one sentence, for the UI ("" = a general CLAP)
+    known_classes: tuple[str, ...] = ()  # the sound classes it was trained on, when that is a closed list
     device: torch.device
 
     def __init__(self, audio_config: AudioConfig, batch_size: int, text_batch_size: int) -> None:
