@@ -380,6 +380,15 @@ def embed_captions(clap: ClapBackend, captions: Sequence[str], chunk_size: int =
     return out
 
 
+def add_band_retrieval(records: list[dict], clap: ClapBackend, store: CaptionDatastore, low: float, high: float,
+                       k: int, seed: int, show_progress: bool = False) -> list[dict]:
+    """Records with ``similar_captions``: up to k datastore captions with low < cos(text, caption) < high (DRCap's
+    training retrieval; the trainer and the preprocessing CLI share it)."""
+    queries = embed_captions(clap, [r["text"] for r in records], show_progress=show_progress)
+    chosen = band_neighbours(queries, store.embeddings, low, high, k, seed)
+    return [{**r, "similar_captions": [store.captions[i] for i in rows]} for r, rows in zip(records, chosen)]
+
+
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)

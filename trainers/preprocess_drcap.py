@@ -26,18 +26,16 @@ from tqdm.auto import tqdm
 
 from engine.clap import ClapBackend, create_clap
 from engine.config import AppConfig, load_config
-from engine.datastore import CaptionDatastore, band_neighbours, embed_captions, read_caption_records, read_captions
+from engine.datastore import (
+    CaptionDatastore,
+    add_band_retrieval,
+    embed_captions,
+    read_caption_records,
+    read_captions,
+)
 from engine.errors import AudioScribeError
 from engine.service import AudioScribe
 from trainers.inputs import list_audio
-
-
-def add_band_retrieval(records: list[dict], clap: ClapBackend, store: CaptionDatastore, low: float, high: float,
-                       k: int, seed: int, show_progress: bool = False) -> list[dict]:
-    """Records with ``similar_captions``: up to k datastore captions with low < cos(text, caption) < high."""
-    queries = embed_captions(clap, [r["text"] for r in records], show_progress=show_progress)
-    chosen = band_neighbours(queries, store.embeddings, low, high, k, seed)
-    return [{**r, "similar_captions": [store.captions[i] for i in rows]} for r, rows in zip(records, chosen)]
 
 
 def add_audio_retrieval(items: list[dict], scribe: AudioScribe, k: int, show_progress: bool = False) -> list[dict]:

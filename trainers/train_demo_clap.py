@@ -227,7 +227,7 @@ def train(cfg: DemoClapTrainConfig, show_progress: bool = True) -> dict:
         accuracy = zero_shot_accuracy(model, [m.float() for m, _ in val_single], [y for _, y in val_single],
                                       classes, class_features, pad_value)
         record = {"epoch": epoch + 1, "train_loss": round(float(np.mean(losses)), 4),
-                  "val_zero_shot_top1": round(accuracy, 4), "logit_scale": round(float(model.logit_scale.exp()), 2),
+                  "val_zero_shot_top1": round(accuracy, 4), "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
                   "seconds": round(time.perf_counter() - train_started, 1)}
         history.append(record)
         log.info("epoch %s", record)

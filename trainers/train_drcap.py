@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 from engine.captioner import build_model
 from engine.clap import ClapBackend, create_clap
 from engine.config import AppConfig, DrcapTrainConfig, dataclass_to_argparse, fill_dataclass, load_config
-from engine.datastore import CaptionDatastore, embed_captions, read_caption_records
+from engine.datastore import CaptionDatastore, add_band_retrieval, embed_captions, read_caption_records
 from engine.drcap import DrcapModel, write_checkpoint
 from engine.errors import AudioScribeError, ConfigError
 from engine.llm import load_llm
-from trainers.preprocess_drcap import add_band_retrieval
 
 log = logging.getLogger("train_drcap")
 STATE_FILE = "training_state.pt"
