@@ -28,6 +28,8 @@ CHECKPOINT_FORMAT = "audioscribe-drcap"
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "drcap_config.json"
+# Weight files of a release folder (beside an optional peft adapter), highest priority first.
+_RELEASE_FILES = ("model.pt", "model.safetensors", "encoder_projector.pt")
 
 
 class MappingNetwork(nn.Module):
@@ -290,7 +292,8 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     - our folder: model.safetensors + drcap_config.json (written by trainers.train_drcap);
     - DRCap's released model.pt (a flat state dict), or a folder holding it;
     - a peft adapter folder (adapter_config.json + adapter_model.safetensors/.bin) for the LoRA part, next to a
-      model.pt or encoder_projector weights for the mapping network.
+      model.pt or encoder_projector weights for the mapping network. Where model.pt and the adapter both hold a
+      LoRA tensor, model.pt's wins, as in DRCap's loader (adapter first, model.pt on top).
 
     .pt/.bin files are read with ``weights_only=True``: only tensors and plain containers, never arbitrary objects.
     LoRA settings (r, alpha, dropout, target modules) come from adapter_config.json when there is one.
@@ -300,10 +303,12 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         meta = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
         return CheckpointInfo(path, _load_tensors(path / WEIGHTS_FILE), meta)
     if path.is_dir():
+        # DRCap's loader applies the peft adapter first and then model.pt (strict=False) on top, so where both hold
+        # a LoRA tensor model.pt's value is the one the model runs with; keys only in the adapter stay.
         weights = _peft_adapter_weights(path)
-        for name in ("model.pt", "model.safetensors", "encoder_projector.pt"):
+        for name in reversed(_RELEASE_FILES):  # reversed: the first file in the list wins among the files
             if (path / name).is_file():
-                weights = {**_load_tensors(path / name), **weights}
+                weights.update(_load_tensors(path / name))
         if "encoder_projector.linear1.weight" not in weights:
             raise ModelLoadError(f"{path} holds no DRCap mapping network: expected {WEIGHTS_FILE} (ours), DRCap's "
                                  "model.pt, or a peft adapter folder next to a model.pt")

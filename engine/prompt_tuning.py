@@ -13,6 +13,9 @@ that class's audio embedding.
 
 Caption features come from the frozen encoder and are computed once, so a step only encodes the C class prompts
 (twice: coarse and fine). Only the prompt vectors receive gradients; the backbone is never modified.
+
+The defaults deviate from AFPT's code in a few documented places (PromptTuningConfig); ``tuning.preset = "reference"``
+(engine.config.TUNING_PRESETS) reproduces the code's numbers.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.audio import Audio, Window
-from engine.clap.base import ClapBackend, TextTower
+from engine.clap.base import ClapBackend, TextTower, TokenizedText
 from engine.config import PromptTuningConfig
 from engine.errors import AudioScribeError, ClassifierInputError, ModelLoadError
 
@@ -115,26 +118,29 @@ class CaptionFeatures:
 
 
 @torch.no_grad()
-def caption_features(tower: TextTower, texts: Sequence[str], max_tokens: int, batch_size: int = 64
-                     ) -> CaptionFeatures:
+def caption_features(tower: TextTower, texts: Sequence[str], max_tokens: int, batch_size: int = 64,
+                     pad_to_max: bool = False, fp32: bool = False) -> CaptionFeatures:
     """Sentence and token embeddings of captions from the frozen text tower (eval mode), computed once.
 
-    Captions are encoded in batches of similar length (each padded only to its own longest caption), then placed in
-    one [N, L, D] tensor padded to the longest caption of the set, with a mask.
+    By default captions are encoded in batches of similar length (each padded only to its own longest caption), then
+    placed in one [N, L, D] tensor padded with zero vectors to the longest caption of the set, with a mask. With
+    ``pad_to_max`` every caption is padded to ``max_tokens`` as AFPT's code does, so the pads' own token features
+    (which the leaky mask of ``softmax_pool(mask_padding=False)`` pools over) are the encoder's, for every caption.
+    Token features are stored in float16 to halve their memory unless ``fp32``.
     """
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     chunks = []
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        tokens = tower.tokenize([texts[i] for i in rows], max_length=max_tokens)
+        tokens = tower.tokenize([texts[i] for i in rows], max_length=max_tokens, pad_to_max=pad_to_max)
         hidden = tower.encode(tower.embed_words(tokens.input_ids), tokens.attention_mask)  # [b, l, H]
         sentence = F.normalize(tower.project(tower.sentence_features(hidden, tokens.attention_mask)).float(), dim=-1)
-        words = F.normalize(tower.project(hidden[:, 1:]).float(), dim=-1).half()  # [b, l-1, D]
-        chunks.append((rows, sentence.cpu(), words.cpu(), tokens.attention_mask[:, 1:].cpu()))
+        words = F.normalize(tower.project(hidden[:, 1:]).float(), dim=-1)  # [b, l-1, D]
+        chunks.append((rows, sentence.cpu(), words.to("cpu", _token_dtype(fp32)), tokens.attention_mask[:, 1:].cpu()))
     width = max(words.shape[1] for _, _, words, _ in chunks)
     dim = chunks[0][1].shape[1]
     sentences = torch.empty(len(texts), dim)
-    token_embeddings = torch.zeros(len(texts), width, dim, dtype=torch.float16)
+    token_embeddings = torch.zeros(len(texts), width, dim, dtype=_token_dtype(fp32))
     mask = torch.zeros(len(texts), width, dtype=torch.long)
     for rows, sentence, words, words_mask in chunks:
         index = torch.tensor(rows)
@@ -142,6 +148,35 @@ def caption_features(tower: TextTower, texts: Sequence[str], max_tokens: int, ba
         token_embeddings[index, :words.shape[1]] = words
         mask[index, :words.shape[1]] = words_mask
     return CaptionFeatures(sentences, token_embeddings, mask)
+
+
+def _token_dtype(fp32: bool) -> torch.dtype:
+    return torch.float32 if fp32 else torch.float16
+
+
+def token_limit(tower: TextTower) -> int | None:
+    """The most tokens the tower's encoder takes (its position table), or None when the tower does not say."""
+    encoder = getattr(tower, "encoder", None)
+    positions = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+    if positions is None:
+        return None
+    # RoBERTa-style embeddings (HF CLAP, DRCap's CLAP) number positions from padding_idx + 1; BERT's from 0.
+    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    return int(positions) - (int(padding_idx) + 1 if padding_idx is not None else 0)
+
+
+def text_lengths(tower: TextTower, config: PromptTuningConfig) -> tuple[int, int]:
+    """(caption tokens, class tokens) from the config, capped so that captions and prompted class strings
+    (class tokens + prompt_len) fit the tower's positions: the reference preset asks for AFPT's 100 + 68, which a
+    tower with fewer positions (e.g. the tiny test CLAP) cannot take."""
+    caption, classes = config.caption_max_tokens, config.class_max_tokens
+    limit = token_limit(tower)
+    if limit is None or (caption <= limit and classes + config.prompt_len <= limit):
+        return caption, classes
+    capped = min(caption, limit), max(2, min(classes, limit - config.prompt_len))
+    log.warning("The CLAP's text tower takes at most %d tokens: caption/class lengths %d/%d capped to %d/%d",
+                limit, caption, classes, *capped)
+    return capped
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -211,7 +246,7 @@ class PromptedClassifier:
         prompts.check_compatible(clap)
         self.clap, self.prompts, self.config = clap, prompts, prompts.config
         tower = clap.text_tower()
-        ids = tokenize_classes(tower, prompts.class_names, self.config.class_max_tokens)
+        ids = tokenize_classes(tower, prompts.class_names, text_lengths(tower, self.config)[1])
         with torch.no_grad():
             self.coarse = F.normalize(prompted_class_embeddings(
                 tower, ids.input_ids, ids.attention_mask, prompts.coarse.to(tower.device),
@@ -294,8 +329,7 @@ def tune(clap: ClapBackend, class_names: Sequence[str], data: TrainingTexts, con
     optimizer = torch.optim.AdamW([coarse, fine], lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=config.weight_decay)
     _report(progress, 0.0, f"Embedding {len(data.texts)} captions")
-    features = caption_features(tower, data.texts, config.caption_max_tokens)
-    class_ids = tokenize_classes(tower, names, config.class_max_tokens)
+    features, class_ids = training_inputs(tower, data.texts, names, config)
     labels = torch.from_numpy(data.labels.astype(np.float32))
     tau = min(clap.logit_scale, config.logit_scale_max)
     order_rng = np.random.default_rng(config.seed)
@@ -334,8 +368,20 @@ def tune(clap: ClapBackend, class_names: Sequence[str], data: TrainingTexts, con
     return TunedPrompts(names, coarse.detach().cpu(), fine.detach().cpu(), config, clap.name, clap.fingerprint, report)
 
 
-def _step_loss(tower, class_ids, coarse, fine, features: CaptionFeatures, index, labels, tau: float,
-               config: PromptTuningConfig) -> torch.Tensor:
+def training_inputs(tower: TextTower, texts: Sequence[str], class_names: Sequence[str], config: PromptTuningConfig
+                    ) -> tuple[CaptionFeatures, TokenizedText]:
+    """The frozen caption features and the class token ids a tuning run trains on, as the config asks."""
+    caption_tokens, class_tokens = text_lengths(tower, config)
+    features = caption_features(tower, texts, caption_tokens, pad_to_max=config.pad_captions_to_max,
+                                fp32=config.caption_tokens_fp32)
+    return features, tokenize_classes(tower, class_names, class_tokens)
+
+
+def branch_cosines(tower: TextTower, class_ids: TokenizedText, coarse: torch.Tensor, fine: torch.Tensor,
+                   features: CaptionFeatures, index: torch.Tensor, config: PromptTuningConfig
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time (coarse, fine) cosines [B, C] of the captions ``index`` against the prompted classes; the
+    logits are τ times these (single-label), the ranking loss takes them as they are (multi-label)."""
     device = coarse.device
     t = F.normalize(prompted_class_embeddings(tower, class_ids.input_ids, class_ids.attention_mask, coarse,
                                               config.double_embedding).float(), dim=-1)  # [C, D]
@@ -346,7 +392,13 @@ def _step_loss(tower, class_ids, coarse, fine, features: CaptionFeatures, index,
     coarse_cos = sentence @ t.T  # [B, C]
     fine_cos = softmax_pool(tokens @ f.T, features.mask[index].to(device), config.token_temperature,
                             config.mask_padding)  # [B, C]
-    labels = labels.to(device)
+    return coarse_cos, fine_cos
+
+
+def _step_loss(tower, class_ids, coarse, fine, features: CaptionFeatures, index, labels, tau: float,
+               config: PromptTuningConfig) -> torch.Tensor:
+    coarse_cos, fine_cos = branch_cosines(tower, class_ids, coarse, fine, features, index, config)
+    labels = labels.to(coarse.device)
     if config.multi_label:
         return ranking_loss(coarse_cos, labels, config.ranking_scale) + ranking_loss(fine_cos, labels,
                                                                                        config.ranking_scale)

@@ -331,3 +331,28 @@ def test_drcap_release_folder_with_a_peft_adapter(tmp_path, tiny_clap, tiny_clap
     (release / "model.pt").unlink()
     with pytest.raises(ModelLoadError, match="holds no DRCap mapping network"):
         read_checkpoint(release)
+
+
+def test_release_folder_model_pt_lora_wins_over_the_adapter(tmp_path, tiny_clap, tiny_clap_dir, tiny_llama_dir):
+    """DRCap's loader applies the peft adapter, then model.pt (strict=False) on top: where both hold a LoRA tensor,
+    model.pt's value is the one used; LoRA keys only in the adapter still load."""
+    config = app_config(tiny_clap_dir, tiny_llama_dir)
+    adapter_model = build_model(load_llm(config.llm), tiny_clap, config, None, trainable=True)
+    randomize_adapters(adapter_model, seed=5)
+    release = tmp_path / "release"
+    adapter_model.llm.save_pretrained(release)
+    adapter_values = {k: v.detach().clone() for k, v in adapter_model.named_parameters()
+                      if k in adapter_model.adapter_names()}
+    shared = "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    adapter_only = "llm.base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
+    model_pt = {k: v for k, v in adapter_values.items() if k.startswith("encoder_projector.")}
+    model_pt[shared] = adapter_values[shared] + 1.0  # model.pt's LoRA value differs from the adapter's
+    torch.save(model_pt, release / "model.pt")
+
+    info = read_checkpoint(release)
+    loaded = dict(build_model(load_llm(config.llm), tiny_clap, config, info, trainable=False).named_parameters())
+    assert torch.equal(loaded[shared], model_pt[shared])  # model.pt wins
+    assert not torch.equal(loaded[shared], adapter_values[shared])
+    assert torch.equal(loaded[adapter_only], adapter_values[adapter_only])  # adapter-only keys still load
+    for name in model_pt:
+        assert torch.equal(loaded[name], model_pt[name]), name

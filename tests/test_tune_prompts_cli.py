@@ -48,7 +48,8 @@ def write_labelled_folder(root, classes, per_class=2):
 
 def cli_flags(scribe, *extra):
     cfg = scribe.config
-    return ["--set", f"clap.model={cfg.clap.model}", "--set", "clap.device=cpu",
+    # The tiny profile: the default one runs the demo bundle's CLAP, a different backend from the tiny HF CLAP here.
+    return ["--profile", "tiny", "--set", f"clap.model={cfg.clap.model}", "--set", "clap.device=cpu",
             "--set", f"datastore.sources={cfg.datastore.sources[0]}", "--set", f"cache_dir={cfg.cache_dir}",
             "--set", "tuning.prompt_len=4", "--set", "tuning.epochs=1", "--set", "tuning.min_texts_per_class=8",
             "--set", "tuning.max_texts_per_class=16", "--quiet", *extra]
@@ -92,6 +93,21 @@ def test_cli_trains_on_an_afpt_corpus(scribe, tmp_path, capsys):
     prompts = TunedPrompts.load(tmp_path / "o" / "seed0")
     assert len(prompts.class_names) == 10 and prompts.class_names[0] == "air conditioner"
     assert sum(prompts.report["texts_per_class"]) == prompts.report["texts"] == 1512
+
+
+def test_cli_preset_reference_and_explicit_settings_win(scribe, tmp_path, capsys):
+    """--preset reference sets AFPT's code values; every explicit --set (and cli_flags' prompt_len/epochs) wins."""
+    assert tune_prompts.main(["--classes", "dog, rain", "--preset", "reference", "--set",
+                              "tuning.double_embedding=false", "--out", str(tmp_path / "out"), *cli_flags(scribe)]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["preset"] == "reference"
+    config = TunedPrompts.load(tmp_path / "out" / "seed0").config
+    assert config.preset == "reference" and config.mask_padding is False and config.train_dropout is True
+    assert config.pad_captions_to_max and config.caption_tokens_fp32 and config.caption_max_tokens == 100
+    assert config.double_embedding is False  # explicit --set beats the preset
+    assert (config.prompt_len, config.epochs) == (4, 1)  # so do cli_flags' values (the preset has 32 and 10)
+    with pytest.raises(SystemExit):
+        tune_prompts.main(["--classes", "dog", "--preset", "paper", *cli_flags(scribe)])
+    assert "invalid choice: 'paper'" in capsys.readouterr().err
 
 
 def test_cli_errors(scribe, tmp_path, capsys):

@@ -10,6 +10,7 @@ CLAP similarity), or a labelled caption corpus (--corpus; the AFPT corpora with 
 `caption` and `label`/`labels` columns). Evaluation audio: a folder with one sub-folder per class, or a CSV with a
 `source`/`path` column and `label` or `labels` (";"-separated for several). Single-label data is scored by accuracy,
 multi-label data (--multi-label) by macro mAP. Figures are from the last epoch (no selection on the test set).
+--preset reference reproduces the AFPT code's numbers (its padding, masking and embedding choices); see README.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.classifier import build_zero_shot_classifier, parse_class_names
-from engine.config import load_config
+from engine.config import TUNING_PRESETS, load_config
 from engine.errors import AudioScribeError, ClassifierInputError
 from engine.metrics import accuracy, macro_map
 from engine.prompt_tuning import PromptedClassifier, TrainingTexts, TunedPrompts, training_texts, tune
@@ -123,7 +124,7 @@ def run(scribe: AudioScribe, class_names: list[str], texts: TrainingTexts | None
     split = len(class_names) // 2 if base_to_new else len(class_names)
     base = class_names[:split]
     results: dict = {"classes": class_names, "base": base, "new": class_names[split:], "seeds": [], "metric":
-                     "macro mAP" if multi_label else "accuracy", "templates": templates}
+                     "macro mAP" if multi_label else "accuracy", "templates": templates, "preset": config.preset}
     data = texts if texts is not None else training_texts(scribe.select_tuning_texts(base), multi_label)
     if texts is not None and base_to_new:  # keep only the base classes' texts
         keep = data.labels[:, :split].sum(1) > 0
@@ -211,6 +212,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="tune on the first half of the classes, evaluate base and new halves separately")
     parser.add_argument("--out", type=Path, help="save the tuned prompts (one folder per seed) and results.json")
     parser.add_argument("--profile", help="profile naming the CLAP and the datastore (default: offline)")
+    parser.add_argument("--preset", choices=list(TUNING_PRESETS),
+                        help="tuning preset: 'reference' reproduces the AFPT code's numbers (same as --set "
+                             "tuning.preset=...; explicit --set tuning.* values still win)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="e.g. --set tuning.epochs=5 --set tuning.prompt_len=16")
     parser.add_argument("--quiet", action="store_true")
@@ -221,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        config = load_config(args.profile, [*args.overrides, "caption.enabled=false"])
+        preset = [f"tuning.preset={args.preset}"] if args.preset else []  # load_config applies it before the rest
+        config = load_config(args.profile, [*preset, *args.overrides, "caption.enabled=false"])
         scribe = AudioScribe.from_config(config, show_progress=not args.quiet)
         texts = None
         if args.corpus:
