@@ -220,8 +220,10 @@ def build(cfg: BundleConfig) -> dict:
     work, out = Path(cfg.work), Path(cfg.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    report: dict = {"config": asdict(cfg)}
+    # Steps run in an earlier invocation keep their report and timing (a build can be resumed step by step).
+    previous = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").is_file() else {}
+    timings: dict[str, float] = dict(previous.get("timings_s", {}))
+    report: dict = {**previous, "config": asdict(cfg)}
 
     def timed(name: str, fn):
         started = time.perf_counter()
@@ -230,7 +232,9 @@ def build(cfg: BundleConfig) -> dict:
         log.info("step %s done in %.0f s", name, timings[name])
         return value
 
-    corpus = timed("corpus", lambda: build_corpus(cfg, work))
+    corpus = work / "soundworld"
+    if not (corpus / "manifest.jsonl").is_file():
+        timed("corpus", lambda: build_corpus(cfg, work))
     if "clap" in cfg.steps:
         report["clap"] = timed("clap", lambda: train_clap(cfg, corpus, out))
     clap = load_bundle_clap(out, work)
