@@ -17,9 +17,8 @@ DEFAULT_CLASSES = "dog barking\nrain\nsiren\nspeech\nmusic\ncar engine\nbirds ch
 UNTRAINED_BANNER = (
     '<div id="untrained-banner" role="alert" style="background:#fff4e5;border:2px solid #f59e0b;border-radius:8px;'
     'padding:10px 14px;color:#7c2d12">⚠️ <b>Untrained weights.</b> {parts}. Every number and caption below is '
-    "computed for real, but on untrained weights it means nothing (this is the offline default until a trained "
-    "bundle is installed). Start with <code>--profile laion</code> or <code>--profile drcap</code> for meaningful "
-    "results.</div>"
+    "computed for real, but on untrained weights it means nothing. The server was started with test models; the "
+    "default profile serves the trained demo bundle.</div>"
 )
 
 

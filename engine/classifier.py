@@ -69,10 +69,20 @@ class ZeroShotClassifier:
         return torch.sigmoid(logits + bias) if multi_label else logits.softmax(dim=-1)
 
 
+def project_prompts(prompts: torch.Tensor, support: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Prompt projection: each [P, D] prompt embedding becomes ``softmax(p·Sᵀ/τ)·S``, a mix of the support captions'
+    embeddings (the datastore's) it resembles, as DRCap projects audio. A CLAP trained on a narrow corpus places
+    wordings it never saw ("emergency vehicle wail") poorly; their nearest captions ("a siren wails") it knows."""
+    weights = torch.softmax(prompts.float() @ support.float().T / temperature, dim=-1)  # [P, N]
+    return weights @ support.float()  # [P, D]
+
+
 def build_zero_shot_classifier(clap: ClapBackend, class_names: Sequence[str],
                                templates: Sequence[str] = DEFAULT_TEMPLATES, *, max_classes: int = 1000,
-                               batch_size: int | None = None) -> ZeroShotClassifier:
-    """Embed every (template, class) prompt; a class's weight is the renormalised mean over its templates."""
+                               batch_size: int | None = None, support: torch.Tensor | None = None,
+                               support_temperature: float = 0.02) -> ZeroShotClassifier:
+    """Embed every (template, class) prompt; a class's weight is the renormalised mean over its templates.
+    With ``support`` ([N, D] unit-norm caption embeddings), each prompt is first projected onto it."""
     names = [n for n in class_names if n.strip()]
     if not names:
         raise ClassifierInputError("Type at least one class name (one per line or comma-separated)")
@@ -84,6 +94,8 @@ def build_zero_shot_classifier(clap: ClapBackend, class_names: Sequence[str],
     templates = check_templates(templates)
     prompts = [t.format(name) for name in names for t in templates]  # class-major: [C * T]
     embedded = clap.embed_text(prompts, batch_size=batch_size)  # [C * T, D]
+    if support is not None:
+        embedded = project_prompts(embedded, support, support_temperature)
     per_class = embedded.view(len(names), len(templates), -1).mean(dim=1)  # [C, D]
     return ZeroShotClassifier(class_names=list(names), templates=templates, weights=l2_normalize(per_class),
                               logit_scale=clap.logit_scale)

@@ -78,6 +78,10 @@ class ClassifyConfig:
     templates: list[str] = field(default_factory=lambda: ["This is a sound of {}."])
     multi_label: bool = False
     threshold: float = 0.5  # multi-label decision threshold on the sigmoid score
+    # Prompt projection (engine.classifier.project_prompts): class prompts expressed through the datastore captions
+    # they resemble. For a CLAP trained on a narrow corpus (the demo bundle); off for general CLAPs.
+    prompt_projection: bool = False
+    prompt_temperature: float = 0.02
     max_classes: int = 1000
 
 
@@ -409,6 +413,8 @@ def _validate(config: AppConfig) -> None:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if config.caption.temperature < 0:
         raise ConfigError(f"caption.temperature must be >= 0 (0 = the CLAP's own), got {config.caption.temperature}")
+    if not config.classify.prompt_temperature > 0:
+        raise ConfigError(f"classify.prompt_temperature must be positive, got {config.classify.prompt_temperature}")
     if not 0.0 < config.classify.threshold < 1.0:
         raise ConfigError(f"classify.threshold must be between 0 and 1, got {config.classify.threshold}")
 

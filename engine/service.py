@@ -83,8 +83,11 @@ class AudioScribe:
         return self.captioner.caption(audio)
 
     def classifier(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> ZeroShotClassifier:
-        return build_zero_shot_classifier(self.clap, class_names, templates or self.config.classify.templates,
-                                          max_classes=self.config.classify.max_classes)
+        cfg = self.config.classify
+        support = self.datastore.support if cfg.prompt_projection and self.datastore is not None else None
+        return build_zero_shot_classifier(self.clap, class_names, templates or cfg.templates,
+                                          max_classes=cfg.max_classes, support=support,
+                                          support_temperature=cfg.prompt_temperature)
 
     def classify(self, audio: Audio, class_names: Sequence[str], templates: Sequence[str] | None = None, *,
                  multi_label: bool | None = None, threshold: float | None = None) -> Classification:

@@ -30,7 +30,7 @@ def test_build_then_append(tmp_path, tiny_clap, tiny_clap_dir, capsys):
     (tmp_path / "b.jsonl").write_text('{"target": "Wind blows"}\n{"target": "Rain falls"}\n')
     (tmp_path / "c.txt").write_text("Thunder rumbles\n")
     out = tmp_path / "store"
-    common = ["--clap", str(tiny_clap_dir), "--device", "cpu", "--quiet", "--out", str(out)]
+    common = ["--profile", "tiny", "--clap", str(tiny_clap_dir), "--device", "cpu", "--quiet", "--out", str(out)]
     code, summary, _ = run(capsys, *common, str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl"))
     assert code == 0 and summary["captions"] == 3 and summary["added"] == 3 and summary["clap_untrained"] is True
     store = CaptionDatastore.load(out, tiny_clap)

@@ -22,7 +22,7 @@ def smoke_bundle(tmp_path_factory):
 def test_smoke_build_writes_every_part(smoke_bundle):
     root, summary = smoke_bundle
     out = root / "out"
-    assert set(summary["timings_s"]) == {"corpus", "clap", "stores", "decoder"}
+    assert set(summary["timings_s"]) == {"corpus", "clap", "stores", "decoder", "examples"}
     assert (out / "clap" / "demo_clap.json").is_file() and (out / "clap" / "model.safetensors").is_file()
     clap_config = json.loads((out / "clap" / "demo_clap.json").read_text())
     assert clap_config["trained"] is True and len(clap_config["classes"]) >= 4

@@ -128,3 +128,20 @@ def test_empty_and_repeated_class_names_are_refused(tiny_clap):
         build_zero_shot_classifier(tiny_clap, ["", "  "])
     with pytest.raises(ClassifierInputError, match="distinct"):
         build_zero_shot_classifier(tiny_clap, ["Dog", "dog"])
+
+
+def test_prompt_projection_mixes_support_captions(tiny_clap):
+    from engine.classifier import project_prompts
+
+    support = tiny_clap.embed_text(["a siren wails", "rain falls on a roof", "a dog barks"])
+    prompts = tiny_clap.embed_text(["a siren wails", "emergency vehicle wail"])
+    sharp = project_prompts(prompts, support, temperature=1e-4)
+    torch.testing.assert_close(sharp[0], support[0], atol=1e-5, rtol=0)  # a support caption projects onto itself
+    broad = project_prompts(prompts, support, temperature=100.0)
+    torch.testing.assert_close(broad[1], support.mean(0), atol=1e-2, rtol=0)  # high τ: the support's mean
+    plain = build_zero_shot_classifier(tiny_clap, ["siren", "rain"])
+    projected = build_zero_shot_classifier(tiny_clap, ["siren", "rain"], support=support, support_temperature=0.05)
+    expected = project_prompts(tiny_clap.embed_text(["This is a sound of siren.", "This is a sound of rain."]),
+                               support, 0.05)
+    torch.testing.assert_close(projected.weights, torch.nn.functional.normalize(expected, dim=1), atol=1e-5, rtol=0)
+    assert not torch.allclose(projected.weights, plain.weights)

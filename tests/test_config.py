@@ -9,14 +9,20 @@ from engine.config import AppConfig, list_profiles, load_config
 from engine.errors import ConfigError
 
 
-def test_default_profile_is_offline_and_resolves_caption_paths():
+def test_default_profile_is_the_offline_demo_bundle_with_resolved_paths():
     config = load_config(environ={})
-    assert config.profile == "offline"
+    assert config.profile == "offline" and config.clap.backend == "demo"
+    for path in (config.clap.model, config.datastore.path, config.caption.checkpoint, config.llm.model):
+        assert Path(path).is_absolute() and Path(path).is_dir(), path
+    assert Path(config.clap.model).name == "clap" and Path(config.datastore.path).name == "style_a"
+    assert {"offline", "tiny", "laion"} <= set(list_profiles())
+
+
+def test_tiny_profile_resolves_caption_paths():
+    config = load_config("tiny", environ={})
     assert config.clap.model == "builtin:tiny-random"
-    assert len(config.datastore.sources) == 1
     source = Path(config.datastore.sources[0])
     assert source.is_absolute() and source.is_file() and source.name == "audiocaps_train.txt"
-    assert {"offline", "laion"} <= set(list_profiles())
 
 
 def test_priority_profile_then_environment_then_overrides():

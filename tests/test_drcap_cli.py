@@ -14,7 +14,8 @@ from trainers import batch_caption, evaluate_captions, preprocess_drcap
 
 
 def model_flags(tiny_clap_dir, tiny_llama_dir, cache) -> list[str]:
-    return ["--set", f"clap.model={tiny_clap_dir}", "--set", "clap.device=cpu", "--set", f"llm.model={tiny_llama_dir}",
+    return ["--profile", "tiny", "--set", f"clap.model={tiny_clap_dir}", "--set", "clap.device=cpu",
+            "--set", f"llm.model={tiny_llama_dir}",
             "--set", "caption.num_beams=1", "--set", "caption.max_new_tokens=6", "--set", f"cache_dir={cache}"]
 
 

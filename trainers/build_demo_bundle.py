@@ -30,9 +30,11 @@ from engine.clap.demo import save_sentence_cache
 from engine.config import AppConfig, DemoClapTrainConfig, DrcapTrainConfig, PROJECT_ROOT
 from engine.datastore import CaptionDatastore, read_captions, unique_captions
 from engine.errors import ConfigError
+from engine.service import AudioScribe
 from trainers.cli import run_trainer
 
 log = logging.getLogger("build_demo_bundle")
+STEPS = ("corpus", "clap", "stores", "decoder", "examples")
 AUDIOCAPS_SHARED = PROJECT_ROOT.parent / "shared" / "data" / "audiocaps"
 AUDIOCAPS_SHIPPED = PROJECT_ROOT / "assets" / "captions" / "audiocaps_train.txt"
 
@@ -62,7 +64,9 @@ class BundleConfig:
     band_low: float = 0.6  # training retrieval band for this CLAP (DRCap's 0.75-0.85 suits LAION-sized ones)
     band_high: float = 0.9
     mapping_hidden: int = 512
-    steps: list[str] = field(default_factory=lambda: ["corpus", "clap", "stores", "decoder"])
+    examples: str = "assets/examples"  # example clips the bundle describes well (picked on the test split)
+    heldout: str = "tests/data/heldout"  # evenly spaced test-split clips the bundle's tests check (not picked)
+    steps: list[str] = field(default_factory=lambda: ["corpus", "clap", "stores", "decoder", "examples"])
 
 
 def smoke_overrides(cfg: BundleConfig) -> BundleConfig:
@@ -70,7 +74,8 @@ def smoke_overrides(cfg: BundleConfig) -> BundleConfig:
     return BundleConfig(**{**asdict(cfg), "train_clips": 96, "val_clips": 24, "test_clips": 24, "clap_epochs": 2,
                            "clap_minutes": 0.0, "store_max": 200, "audiocaps_store": False, "decoder_hidden": 32,
                            "decoder_layers": 1, "decoder_vocab": 400, "decoder_steps": 6, "decoder_batch": 8,
-                           "mapping_hidden": 32})
+                           "mapping_hidden": 32, "examples": str(Path(cfg.out) / "examples"),
+                           "heldout": str(Path(cfg.out) / "heldout")})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -209,14 +214,101 @@ def train_decoder(cfg: BundleConfig, corpus: Path, work: Path, out: Path, clap) 
         "history": result.summary["history"], "train_records": len(result.train_records)}
 
 
+def bundle_config(out: Path, cache_dir: Path) -> AppConfig:
+    """The settings the offline profile uses, for a bundle in ``out`` (tests and the build use it on any folder)."""
+    config = AppConfig(cache_dir=str(cache_dir))
+    config.clap.backend, config.clap.model, config.clap.device = "demo", str(out / "clap"), "cpu"
+    config.datastore.path = str(out / "stores" / "style_a")
+    config.caption.checkpoint = str(out / "decoder")
+    config.caption.num_beams, config.caption.max_new_tokens = 4, 40
+    return config
+
+
+def export_examples(cfg: BundleConfig, corpus: Path, out: Path) -> dict:
+    """Held-out clips for the tests (evenly spaced over the test split, whatever the bundle makes of them) and
+    example clips for the app (test clips the bundle classifies right and captions well, real recordings among them),
+    each with a README/manifest naming its sources and licenses."""
+    from trainers.demo_eval import caption, item_cider, test_rows
+    from trainers.soundworld import load_classes
+
+    scribe = AudioScribe.from_config(bundle_config(out, Path(cfg.work) / "cache"), show_progress=False)
+    rows = test_rows(corpus, 0)
+    embeddings = scribe.clap.embed_audio([scribe.load(corpus / r["path"]) for r in rows])
+    names = [c["label"] for c in load_classes(corpus)]
+    predicted = (embeddings @ scribe.clap.embed_text([f"This is a sound of {n}." for n in names]).T).argmax(1)
+    captions = caption(scribe, embeddings, scribe.datastore, projection=True, retrieval=True)
+    scores = item_cider(captions, [r["captions_a"] for r in rows])
+    single = [i for i, r in enumerate(rows) if len(r["labels"]) == 1]
+    multi = [i for i, r in enumerate(rows) if len(r["labels"]) > 1]
+    heldout = [single[i] for i in np.linspace(0, len(single) - 1, min(12, len(single))).astype(int)] + \
+        [multi[i] for i in np.linspace(0, len(multi) - 1, min(4, len(multi))).astype(int)]
+    write_clips(corpus, [rows[i] for i in heldout], Path(cfg.heldout), "heldout.jsonl")
+    # Correctly classified clips, best captioned first (the rest only as a fallback for an untrained smoke bundle).
+    good = sorted(single, key=lambda i: (names[int(predicted[i])] != rows[i]["labels"][0], -scores[i]))
+    chosen, seen = [], set()
+    for want_real in (True, False):  # real recordings first, then the best of the rest; one clip per class
+        for i in good:
+            label = rows[i]["labels"][0]
+            if len(chosen) < (4 if want_real else 8) and label not in seen and _is_recording(rows[i]) == want_real:
+                chosen.append(i)
+                seen.add(label)
+    examples = Path(cfg.examples)
+    write_clips(corpus, [rows[i] for i in chosen], examples, "examples.jsonl")
+    long_clip = write_two_part_clip(corpus, rows[chosen[0]], rows[chosen[-1]], examples)
+    write_examples_readme(examples, [rows[i] for i in chosen], long_clip)
+    return {"heldout": [rows[i]["id"] for i in heldout], "examples": [rows[i]["id"] for i in chosen],
+            "two_part": long_clip["id"]}
+
+
+def _is_recording(row: dict) -> bool:
+    return not all(e["provenance"].startswith("procedural") for e in row["events"])
+
+
+def write_clips(corpus: Path, rows: list[dict], folder: Path, manifest_name: str) -> None:
+    """Copy clips to ``folder`` as <label>-<id>.flac beside a jsonl of their manifest rows (paths relative)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / manifest_name, "w", encoding="utf-8") as f:
+        for row in rows:
+            name = f"{'-'.join(row['labels']).replace(' ', '_')}-{row['id']}.flac"
+            shutil.copy2(corpus / row["path"], folder / name)
+            f.write(json.dumps({**row, "path": name}, ensure_ascii=False) + "\n")
+
+
+def write_two_part_clip(corpus: Path, first: dict, second: dict, folder: Path) -> dict:
+    """A ~longer clip whose halves differ (one source, then another), to show one caption per 10-s window."""
+    import soundfile as sf
+
+    parts = [sf.read(corpus / r["path"], dtype="float32")[0] for r in (first, second)]
+    sr = first["sample_rate"]
+    pieces = [np.tile(p, int(np.ceil(10 * sr / len(p))))[:10 * sr] for p in parts]  # 10 s of each
+    name = f"two_parts-{first['labels'][0].replace(' ', '_')}-then-{second['labels'][0].replace(' ', '_')}.flac"
+    sf.write(folder / name, np.concatenate(pieces), sr, subtype="PCM_16")
+    return {"id": name, "first": first["id"], "second": second["id"]}
+
+
+def write_examples_readme(folder: Path, rows: list[dict], long_clip: dict) -> None:
+    lines = ["# Example clips", "",
+             "Held-out test clips of the demo bundle's sound corpus (`python -m trainers.build_demo_bundle`, step "
+             "`examples`): clips it classifies correctly and captions well, one per class, recordings from Debian "
+             "packages first. Sources and licenses per clip (license texts: `trainers/soundworld/licenses/`):", "",
+             "| file | classes | captions (style A) | sources |", "|---|---|---|---|"]
+    for row in rows:
+        name = f"{'-'.join(row['labels']).replace(' ', '_')}-{row['id']}.flac"
+        sources = "; ".join(e["provenance"] for e in row["events"])
+        lines.append(f"| `{name}` | {', '.join(row['labels'])} | {row['captions_a'][0]} | {sources} |")
+    lines += ["", f"`{long_clip['id']}`: 10 s of `{long_clip['first']}` (looped) then 10 s of `{long_clip['second']}` "
+              "(looped), to show one caption per 10-s window.", ""]
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def build(cfg: BundleConfig) -> dict:
     cfg = smoke_overrides(cfg) if cfg.smoke else cfg
-    unknown = set(cfg.steps) - {"corpus", "clap", "stores", "decoder"}
+    unknown = set(cfg.steps) - set(STEPS)
     if unknown:
-        raise ConfigError(f"Unknown build steps {sorted(unknown)}; steps are corpus, clap, stores, decoder")
+        raise ConfigError(f"Unknown build steps {sorted(unknown)}; steps are {', '.join(STEPS)}")
     work, out = Path(cfg.work), Path(cfg.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +336,8 @@ def build(cfg: BundleConfig) -> dict:
     if "decoder" in cfg.steps:
         report["decoder"] = timed("decoder", lambda: train_decoder(cfg, corpus, work, out, clap))
         save_sentence_cache(work / "sentence_cache.npz", clap.sentence_cache)
+    if "examples" in cfg.steps:
+        report["examples"] = timed("examples", lambda: export_examples(cfg, corpus, out))
     report["timings_s"] = timings
     report["corpus"] = json.loads((corpus / "build_info.json").read_text()) if (
         corpus / "build_info.json").is_file() else {}

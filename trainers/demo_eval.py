@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from engine.config import PROJECT_ROOT, load_config
+from engine.classifier import project_prompts
 from engine.datastore import CaptionDatastore
 from engine.drcap import project_onto_support
 from engine.metrics import bleu, cider_d, normalize_caption
@@ -41,16 +42,22 @@ def embed_rows(scribe: AudioScribe, corpus: Path, rows: list[dict]) -> torch.Ten
 # classification
 
 
-def zero_shot(scribe: AudioScribe, embeddings: torch.Tensor, labels: list[str], classes: list[dict]) -> dict:
+def zero_shot(scribe: AudioScribe, embeddings: torch.Tensor, labels: list[str], classes: list[dict],
+              support: torch.Tensor | None = None, temperature: float = 0.02) -> dict:
     """Top-1 of single-source clips with (a) the class labels, (b) each class's unlike-phrased test prompts
-    averaged, (c) one test prompt per class at a time (mean over the prompt index)."""
+    averaged, (c) one test prompt per class at a time (mean and worst over the prompt index); with ``support``,
+    every prompt is projected onto it first (classify.prompt_projection)."""
     names = [c["label"] for c in classes]
     truth = torch.tensor([names.index(y) for y in labels])
 
     def top1(class_texts: list[list[str]]) -> float:
-        text = torch.stack([torch.nn.functional.normalize(scribe.clap.embed_text(
-            [TEMPLATE.format(t) for t in texts]).mean(0), dim=0) for texts in class_texts])
-        return float(((embeddings @ text.T).argmax(1) == truth).float().mean())
+        rows = []
+        for texts in class_texts:
+            prompts = scribe.clap.embed_text([TEMPLATE.format(t) for t in texts])
+            if support is not None:
+                prompts = project_prompts(prompts, support, temperature)
+            rows.append(torch.nn.functional.normalize(prompts.mean(0), dim=0))
+        return float(((embeddings @ torch.stack(rows).T).argmax(1) == truth).float().mean())
 
     prompts = [c["test_prompts"] for c in classes]
     per_index = [top1([[p[i % len(p)]] for p in prompts]) for i in range(max(len(p) for p in prompts))]
@@ -99,10 +106,16 @@ def caption(scribe: AudioScribe, embeddings: torch.Tensor, store: CaptionDatasto
     return out
 
 
+def item_cider(candidates: list[str], references: list[list[str]]) -> list[float]:
+    """CIDEr-D of each caption (IDF from this set)."""
+    return cider_d([normalize_caption(c) for c in candidates],
+                   [[normalize_caption(r) for r in rs] for rs in references])
+
+
 def caption_scores(candidates: list[str], references: list[list[str]]) -> dict:
     cands = [normalize_caption(c) for c in candidates]
     refs = [[normalize_caption(r) for r in rs] for rs in references]
-    return {"CIDEr-D": cider_d(cands, refs)[0], "BLEU-4": bleu(cands, refs)[0][3],
+    return {"CIDEr-D": float(np.mean(cider_d(cands, refs))), "BLEU-4": bleu(cands, refs)[3],
             "examples": [{"caption": c, "references": r[:2]} for c, r in zip(candidates[:3], references[:3])]}
 
 

@@ -95,13 +95,15 @@ def sentence_features(encoder: SentenceEncoder, texts: Sequence[str], cache_file
 
 
 def pca_projection(features: np.ndarray, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight [dim, H] and bias [dim] of x -> (x - mean) @ V[:, :dim] on unit-norm features."""
-    x = torch.from_numpy(features).float()
+    """Weight [dim, H] and bias [dim] of x -> (x - mean) @ V[:, :dim] on unit-norm features (V: eigenvectors of
+    the H x H covariance, largest first; H x H, so any number of texts fits in memory)."""
+    x = torch.from_numpy(features).double()
     x = x / x.norm(dim=1, keepdim=True)
     mean = x.mean(0)
-    _, _, v = torch.linalg.svd(x - mean, full_matrices=True)  # v: [H, H], rows = components (complete)
-    weight = v[:dim]  # [dim, H]
-    return weight, -(weight @ mean)
+    centered = x - mean
+    _, vectors = torch.linalg.eigh(centered.T @ centered)  # ascending eigenvalues, columns = components
+    weight = vectors.flip(1)[:, :dim].T.float()  # [dim, H]
+    return weight, -(weight @ mean.float())
 
 
 # --------------------------------------------------------------------------------------------------------------------

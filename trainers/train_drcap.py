@@ -12,7 +12,6 @@ Checkpoints (out/best, out/last) are model.safetensors + drcap_config.json, load
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -29,10 +28,11 @@ from tqdm.auto import tqdm
 
 from engine.captioner import build_model
 from engine.clap import ClapBackend, create_clap
-from engine.config import AppConfig, DrcapTrainConfig, dataclass_to_argparse, fill_dataclass, load_config
+from engine.config import AppConfig, DrcapTrainConfig, load_config
 from engine.datastore import CaptionDatastore, add_band_retrieval, embed_captions, read_caption_records
 from engine.drcap import DrcapModel, write_checkpoint
-from engine.errors import AudioScribeError, ConfigError
+from engine.errors import ConfigError
+from trainers.cli import run_trainer
 from engine.llm import load_llm
 
 log = logging.getLogger("train_drcap")
@@ -286,31 +286,10 @@ def _resume(directory: Path, accelerator, model, optimizer, scheduler) -> tuple[
     return int(state["step"]), int(state["epoch"]), float(state["best_val"]), int(state["skip_batches"])
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m trainers.train_drcap", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", help="profile naming the CLAP and the LLM (default: offline)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="model settings, e.g. --set llm.model=lmsys/vicuna-7b-v1.5 --set llm.quantization=nf4")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    dataclass_to_argparse(parser.add_argument_group("training (DRCap defaults)"), DrcapTrainConfig)
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    try:
-        app = load_config(args.profile, args.overrides)
-        cfg = fill_dataclass(DrcapTrainConfig, {k: v for k, v in vars(args).items()
-                                                if k not in ("profile", "overrides", "quiet")})
-        summary = train(app, cfg, show_progress=not args.quiet).summary
-    except AudioScribeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
-    return 0
+    return run_trainer(__doc__, "python -m trainers.train_drcap", DrcapTrainConfig,
+                       lambda cfg, args: train(load_config(args.profile, args.overrides), cfg,
+                                               show_progress=not args.quiet).summary, argv)
 
 
 if __name__ == "__main__":
