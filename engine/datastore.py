@@ -311,7 +311,11 @@ class CaptionDatastore:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        table = pd.DataFrame({"id": range(len(self)), "caption": self.captions, "source": self.caption_sources})
+        one_source = len(set(self.caption_sources)) <= 1 and self.caption_sources[:1] == self.manifest.sources[:1]
+        if compact and one_source:  # the caption column alone: ids are row numbers, the source is the manifest's
+            table = pd.DataFrame({"caption": self.captions})
+        else:
+            table = pd.DataFrame({"id": range(len(self)), "caption": self.captions, "source": self.caption_sources})
         _atomic_write(directory / "captions.csv", lambda p: table.to_csv(p, index=False))
         stored = self.embeddings.astype(np.float16) if compact else self.embeddings
         _atomic_write(directory / "embeddings.npy", lambda p: _save_npy(p, stored))
@@ -360,7 +364,8 @@ class CaptionDatastore:
                                  f"{embeddings.shape}, index {index.ntotal}, manifest {manifest.size}); rebuild it")
         if isinstance(index, faiss.IndexIVF) and config is not None:
             index.nprobe = min(config.ivf_nprobe, index.nlist)
-        store = cls(table["caption"].tolist(), table["source"].tolist(), embeddings, manifest, config, index=index)
+        sources = table["source"].tolist() if "source" in table else [(manifest.sources or [""])[0]] * len(table)
+        store = cls(table["caption"].tolist(), sources, embeddings, manifest, config, index=index)
         if clap is not None:
             store.check_compatible(clap)
         return store

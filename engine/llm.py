@@ -105,8 +105,9 @@ def _plan(config: LLMConfig, device: torch.device, params: int) -> tuple[str, to
     quantization = config.quantization
     if quantization == "auto":
         quantization = "nf4" if device.type == "cuda" else "none"
-        if device.type != "cuda":
-            notice = "No CUDA device: the LLM runs on the CPU without quantization; captioning will be slow."
+        if device.type != "cuda" and params > _LARGE_MODEL_PARAMS:  # a small LLM is fast on the CPU: nothing to say
+            notice = ("No CUDA device: the LLM runs on the CPU without quantization; each caption takes seconds to "
+                      "minutes.")
     if config.dtype != "auto":
         dtype = _DTYPES[config.dtype]
     elif device.type == "cuda" or params > _LARGE_MODEL_PARAMS:

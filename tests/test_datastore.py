@@ -175,10 +175,16 @@ def test_compact_save_halves_the_embeddings_and_rebuilds_the_exact_index(store, 
     assert (tmp_path / "compact" / "embeddings.npy").stat().st_size < 0.55 * full_bytes
     loaded = CaptionDatastore.load(tmp_path / "compact", tiny_clap)
     assert loaded.embeddings.dtype == np.float32 and loaded.captions == store.captions
+    assert loaded.caption_sources == store.caption_sources
     np.testing.assert_allclose(np.linalg.norm(loaded.embeddings, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(loaded.embeddings, store.embeddings, atol=2e-3)
     q = queries(tiny_clap)
     np.testing.assert_allclose(loaded.search(q, 5).scores, store.search(q, 5).scores, atol=2e-3)
+    named = CaptionDatastore.build(store.captions[:50], tiny_clap, source="caps.txt", show_progress=False)
+    named.save(tmp_path / "named", compact=True)
+    assert pd.read_csv(tmp_path / "named" / "captions.csv").columns.tolist() == ["caption"]
+    reloaded = CaptionDatastore.load(tmp_path / "named", tiny_clap)
+    assert reloaded.caption_sources == ["caps.txt"] * 50 and reloaded.captions == named.captions
 
 
 def test_ivf_round_trip(tiny_clap, captions, tmp_path):

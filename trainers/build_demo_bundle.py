@@ -52,7 +52,7 @@ class BundleConfig:
     test_clips: int = 600
     clap_epochs: int = 14
     clap_minutes: float = 14.0
-    store_max: int = 8000  # captions per corpus datastore (style A / style B), evenly spaced over the unique ones
+    store_max: int = 6000  # captions per corpus datastore (style A / style B), evenly spaced over the unique ones
     audiocaps_store: bool = True
     decoder_hidden: int = 256
     decoder_layers: int = 4
