@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 
 from benchmarks.bench_datastore import machine_facts, write_section
 from engine.config import PROJECT_ROOT, load_config
@@ -86,13 +87,12 @@ def report(results: dict, args: argparse.Namespace, runtime: float) -> str:
              f"{100 * plain['test_prompts_ensemble']:.1f} % (one at a time: mean "
              f"{100 * plain['test_prompts_single_mean']:.1f} %, worst {100 * plain['test_prompts_single_min']:.1f} %;"
              f" class labels: {100 * plain['labels']:.1f} %) |"]
-    for preset, gains in results.get("tuning", {}).items():
-        a, b = gains["all"], gains["base_to_new"]
+    for preset, b in results.get("tuning", {}).items():
         lines.append(
-            f"| audio-free prompt tuning vs zero-shot template, preset `{preset}`, mean ± std of {len(args.seeds)} "
-            f"seeds | a gain | all classes tuned: {_pm(a, 'all_zero_shot')} → {_pm(a, 'all_tuned')}; base-to-new: "
-            f"base {_pm(b, 'base_zero_shot')} → {_pm(b, 'base_tuned')}, new {_pm(b, 'new_zero_shot')} → "
-            f"{_pm(b, 'new_tuned')} |")
+            f"| audio-free prompt tuning vs the zero-shot template (top-1), preset `{preset}`, mean ± std of "
+            f"{len(args.seeds)} seeds; tuned on the first 19 classes, tested on them and on the 19 unseen ones | a gain "
+            f"| classes tuned: {_pm(b, 'base_zero_shot')} → **{_pm(b, 'base_tuned')}**; unseen classes: "
+            f"{_pm(b, 'new_zero_shot')} → **{_pm(b, 'new_tuned')}** |")
     full = cap["full system"]
     lines.append(f"| captioning, style-A references: CIDEr-D / BLEU-4 | ≥ 1.0 / ≥ 0.3 | **{fmt(full['CIDEr-D'])} / "
                  f"{fmt(full['BLEU-4'])}** |")
@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_demo_bundle", description=__doc__)
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="the soundworld build the bundle came from")
-    parser.add_argument("--quick", action="store_true", help="200 test clips, one seed")
+    parser.add_argument("--quick", action="store_true", help="100 clips captioned, one seed")
+    parser.add_argument("--caption-clips", type=int, default=300, help="test clips captioned (evenly spaced)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--skip-tuning", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -151,17 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     classes = load_classes(args.corpus)
     scribe = AudioScribe.from_config(load_config(), show_progress=False)
-    rows = test_rows(args.corpus, 200 if args.quick else 0)
+    rows = test_rows(args.corpus, 0)
     single = [r for r in rows if len(r["labels"]) == 1]
     embeddings = embed_rows(scribe, args.corpus, rows)
     single_emb = embeddings[[i for i, r in enumerate(rows) if len(r["labels"]) == 1]]
-    results: dict = {"caption_clips": len(rows)}
+    # Captioning: an even subset of the test clips (beam search on 2 cores is the slow part).
+    keep = np.linspace(0, len(rows) - 1, min(len(rows), 100 if args.quick else args.caption_clips)).astype(int)
+    results: dict = {"caption_clips": len(keep)}
     labels = [r["labels"][0] for r in single]
     results["zero_shot_plain"] = zero_shot(scribe, single_emb, labels, classes)
     results["zero_shot"] = zero_shot(scribe, single_emb, labels, classes, support=scribe.datastore.support,
                                      temperature=scribe.config.classify.prompt_temperature)
     print(json.dumps({k: results[k] for k in ("zero_shot_plain", "zero_shot")}, indent=1), flush=True)
-    results["captioning"] = captioning(scribe, embeddings, rows, args.bundle)
+    results["captioning"] = captioning(scribe, embeddings[keep], [rows[i] for i in keep], args.bundle)
     print(json.dumps({k: {m: v[m] for m in ("CIDEr-D", "BLEU-4")} for k, v in results["captioning"].items()},
                      indent=1), flush=True)
     if not args.skip_tuning:

@@ -70,8 +70,8 @@ class ZeroShotClassifier:
 
 
 def project_prompts(prompts: torch.Tensor, support: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Prompt projection: each [P, D] prompt embedding becomes ``softmax(p·Sᵀ/τ)·S``, a mix of the support captions'
-    embeddings (the datastore's) it resembles, as DRCap projects audio. A CLAP trained on a narrow corpus places
+    """Prompt projection: each [P, D] prompt embedding becomes ``softmax(p·Sᵀ/τ)·S``, a mix of the embeddings of
+    the support captions (the datastore's) it resembles, as DRCap projects audio. A CLAP trained on a narrow corpus places
     wordings it never saw ("emergency vehicle wail") poorly; their nearest captions ("a siren wails") it knows."""
     weights = torch.softmax(prompts.float() @ support.float().T / temperature, dim=-1)  # [P, N]
     return weights @ support.float()  # [P, D]

@@ -46,11 +46,12 @@ def test_build_then_append(tmp_path, tiny_clap, tiny_clap_dir, capsys):
 
 def test_errors_are_reported_with_exit_code_2(tmp_path, tiny_clap_dir, capsys):
     pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "a.csv", index=False)
-    common = ["--clap", str(tiny_clap_dir), "--device", "cpu", "--quiet", "--out", str(tmp_path / "s")]
+    common = ["--profile", "tiny", "--clap", str(tiny_clap_dir), "--device", "cpu", "--quiet", "--out",
+              str(tmp_path / "s")]
     code, _, err = run(capsys, *common, str(tmp_path / "a.csv"))
     assert code == 2 and "no 'caption' column" in err
     code, summary, _ = run(capsys, *common, "--csv-column", "text", str(tmp_path / "a.csv"))
     assert code == 0 and summary["captions"] == 1
-    code, _, err = run(capsys, "--clap", str(tmp_path / "no-model"), "--out", str(tmp_path / "t"),
-                       str(tmp_path / "a.csv"))
+    code, _, err = run(capsys, "--profile", "tiny", "--clap", str(tmp_path / "no-model"), "--out",
+                       str(tmp_path / "t"), str(tmp_path / "a.csv"))
     assert code == 2 and "Could not load a CLAP model" in err

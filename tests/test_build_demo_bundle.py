@@ -30,6 +30,12 @@ def test_smoke_build_writes_every_part(smoke_bundle):
     for style in ("style_a", "style_b"):
         assert (out / "stores" / style / "manifest.json").is_file()
         assert not (out / "stores" / style / "index.faiss").exists()  # compact: rebuilt on load
+    heldout = (out / "heldout" / "heldout.jsonl").read_text().splitlines()
+    assert heldout and all((out / "heldout" / json.loads(line)["path"]).is_file() for line in heldout)
+    examples = [json.loads(line) for line in (out / "examples" / "examples.jsonl").read_text().splitlines()]
+    readme = (out / "examples" / "README.md").read_text()
+    assert examples and all(e["path"] in readme and (out / "examples" / e["path"]).is_file() for e in examples)
+    assert len({e["labels"][0] for e in examples}) == len(examples)  # one clip per class
     info = json.loads((out / "bundle.json").read_text())
     assert info["config"]["smoke"] is True and info["timings_s"] == summary["timings_s"]
 

@@ -222,8 +222,8 @@ def test_50k_audiocaps_captions_build_within_bounded_memory(tiny_clap_dir, tmp_p
     source = audiocaps_train_source()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     done = subprocess.run(
-        [sys.executable, "-m", "trainers.build_datastore", "--clap", str(tiny_clap_dir), "--device", "cpu",
-         "--out", str(tmp_path / "audiocaps"), "--quiet", str(source)],
+        [sys.executable, "-m", "trainers.build_datastore", "--profile", "tiny", "--clap", str(tiny_clap_dir),
+         "--device", "cpu", "--out", str(tmp_path / "audiocaps"), "--quiet", str(source)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -255,7 +255,8 @@ def export_examples(cfg: BundleConfig, corpus: Path, out: Path) -> dict:
     examples = Path(cfg.examples)
     write_clips(corpus, [rows[i] for i in chosen], examples, "examples.jsonl")
     long_clip = write_two_part_clip(corpus, rows[chosen[0]], rows[chosen[-1]], examples)
-    write_examples_readme(examples, [rows[i] for i in chosen], long_clip)
+    licenses = {c["label"]: c["license"] for c in load_classes(corpus)}
+    write_examples_readme(examples, [rows[i] for i in chosen], long_clip, licenses)
     return {"heldout": [rows[i]["id"] for i in heldout], "examples": [rows[i]["id"] for i in chosen],
             "two_part": long_clip["id"]}
 
@@ -267,6 +268,8 @@ def _is_recording(row: dict) -> bool:
 def write_clips(corpus: Path, rows: list[dict], folder: Path, manifest_name: str) -> None:
     """Copy clips to ``folder`` as <label>-<id>.flac beside a jsonl of their manifest rows (paths relative)."""
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.flac"):  # clips of an earlier build
+        stale.unlink()
     with open(folder / manifest_name, "w", encoding="utf-8") as f:
         for row in rows:
             name = f"{'-'.join(row['labels']).replace(' ', '_')}-{row['id']}.flac"
@@ -286,18 +289,21 @@ def write_two_part_clip(corpus: Path, first: dict, second: dict, folder: Path) -
     return {"id": name, "first": first["id"], "second": second["id"]}
 
 
-def write_examples_readme(folder: Path, rows: list[dict], long_clip: dict) -> None:
+def write_examples_readme(folder: Path, rows: list[dict], long_clip: dict, licenses: dict[str, str]) -> None:
     lines = ["# Example clips", "",
              "Held-out test clips of the demo bundle's sound corpus (`python -m trainers.build_demo_bundle`, step "
              "`examples`): clips it classifies correctly and captions well, one per class, recordings from Debian "
              "packages first. Sources and licenses per clip (license texts: `trainers/soundworld/licenses/`):", "",
-             "| file | classes | captions (style A) | sources |", "|---|---|---|---|"]
+             "| file | classes | caption (style A) | sources | license |", "|---|---|---|---|---|"]
     for row in rows:
         name = f"{'-'.join(row['labels']).replace(' ', '_')}-{row['id']}.flac"
         sources = "; ".join(e["provenance"] for e in row["events"])
-        lines.append(f"| `{name}` | {', '.join(row['labels'])} | {row['captions_a'][0]} | {sources} |")
+        procedural = all(e["provenance"].startswith("procedural") for e in row["events"])
+        license_text = "this repository's (procedural synthesis)" if procedural else \
+            "; ".join(licenses[label].replace(" | ", " or ") for label in row["labels"])
+        lines.append(f"| `{name}` | {', '.join(row['labels'])} | {row['captions_a'][0]} | {sources} | {license_text} |")
     lines += ["", f"`{long_clip['id']}`: 10 s of `{long_clip['first']}` (looped) then 10 s of `{long_clip['second']}` "
-              "(looped), to show one caption per 10-s window.", ""]
+              "(looped), to show one caption per 10-s window; the licenses of both parts apply.", ""]
     (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 

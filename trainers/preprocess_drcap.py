@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.clap import ClapBackend, create_clap
+from engine.clap import create_clap
 from engine.config import AppConfig, load_config
 from engine.datastore import (
     CaptionDatastore,
