@@ -44,9 +44,10 @@ KNOWS_NOTE = (
 
 
 def default_class_names(service: AudioScribe) -> str:
-    """The CLAP's own classes when it lists them (the demo bundle), else everyday sound classes."""
+    """All of the CLAP's own classes when it lists them (the demo bundle: any example clip then has its class in
+    the list), else everyday sound classes."""
     known = service.clap.known_classes
-    return "\n".join(known[:10]) if known else DEFAULT_CLASSES
+    return "\n".join(known) if known else DEFAULT_CLASSES
 
 
 def header_markdown(service: AudioScribe) -> str:
