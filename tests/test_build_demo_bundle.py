@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from engine.config import AppConfig
 from engine.datastore import CaptionDatastore
 from engine.service import AudioScribe
-from trainers.build_demo_bundle import BundleConfig, build, main
+from trainers.build_demo_bundle import BundleConfig, build, bundle_config, main
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +42,7 @@ def test_smoke_build_writes_every_part(smoke_bundle):
 def test_smoke_bundle_loads_and_describes_a_held_out_clip(smoke_bundle):
     root, _ = smoke_bundle
     out = root / "out"
-    config = AppConfig(cache_dir=str(root / "cache"))
-    config.clap.backend, config.clap.model, config.clap.device = "demo", str(out / "clap"), "cpu"
-    config.datastore.path = str(out / "stores" / "style_a")
-    config.caption.checkpoint = str(out / "decoder")
+    config = bundle_config(out, root / "cache")
     config.caption.num_beams, config.caption.max_new_tokens = 1, 6
     scribe = AudioScribe.from_config(config, show_progress=False)
     assert not scribe.clap.is_untrained and scribe.captioner.trained and not scribe.captioner.is_untrained

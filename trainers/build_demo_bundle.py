@@ -224,14 +224,19 @@ def bundle_config(out: Path, cache_dir: Path) -> AppConfig:
     return config
 
 
-def export_examples(cfg: BundleConfig, corpus: Path, out: Path) -> dict:
+def export_examples(cfg: BundleConfig, corpus: Path, out: Path, clap) -> dict:
     """Held-out clips for the tests (evenly spaced over the test split, whatever the bundle makes of them) and
     example clips for the app (test clips the bundle classifies right and captions well, real recordings among them),
     each with a README/manifest naming its sources and licenses."""
     from trainers.demo_eval import caption, item_cider, test_rows
     from trainers.soundworld import load_classes
 
-    scribe = AudioScribe.from_config(bundle_config(out, Path(cfg.work) / "cache"), show_progress=False)
+    from engine.captioner import Captioner
+    from engine.service import open_datastore
+
+    config = bundle_config(out, Path(cfg.work) / "cache")  # the CLAP the build already loaded, not a second one
+    datastore = open_datastore(config, clap, show_progress=False)
+    scribe = AudioScribe(config, clap, datastore, Captioner.from_config(config, clap, datastore))
     rows = test_rows(corpus, 0)
     embeddings = scribe.clap.embed_audio([scribe.load(corpus / r["path"]) for r in rows])
     names = [c["label"] for c in load_classes(corpus)]
@@ -343,7 +348,7 @@ def build(cfg: BundleConfig) -> dict:
         report["decoder"] = timed("decoder", lambda: train_decoder(cfg, corpus, work, out, clap))
         save_sentence_cache(work / "sentence_cache.npz", clap.sentence_cache)
     if "examples" in cfg.steps:
-        report["examples"] = timed("examples", lambda: export_examples(cfg, corpus, out))
+        report["examples"] = timed("examples", lambda: export_examples(cfg, corpus, out, clap))
     report["timings_s"] = timings
     report["corpus"] = json.loads((corpus / "build_info.json").read_text()) if (
         corpus / "build_info.json").is_file() else {}
