@@ -335,34 +335,24 @@ def tune(clap: ClapBackend, class_names: Sequence[str], data: TrainingTexts, con
     order_rng = np.random.default_rng(config.seed)
     steps_per_epoch = math.ceil(len(data.texts) / config.batch_size)
     total, step, losses = config.epochs * steps_per_epoch, 0, []
-    modules = _tower_modules(tower)
-    was_training = [m.training for m in modules]
-    frozen = [p for m in modules for p in m.parameters()]
-    was_trainable = [p.requires_grad for p in frozen]
-    try:
-        for param in frozen:  # gradients flow through the tower to the prompts, but are never kept for its weights
-            param.requires_grad_(False)
-        for module in modules:  # AFPT encodes class prompts with dropout on; the caption features are fixed
-            module.train(config.train_dropout)
-        for epoch in range(config.epochs):
-            epoch_losses = []
-            for batch in np.array_split(order_rng.permutation(len(data.texts)), steps_per_epoch):
-                if should_stop is not None and should_stop():
-                    raise TuningCancelled("Prompt tuning was cancelled")
-                index = torch.from_numpy(batch)
-                loss = _step_loss(tower, class_ids, coarse, fine, features, index, labels[index], tau, config)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                epoch_losses.append(loss.item())
-                step += 1
-                _report(progress, step / total, f"Epoch {epoch + 1}/{config.epochs}, loss {loss.item():.4f}")
-            losses.append(float(np.mean(epoch_losses)))
-    finally:
-        for module, mode in zip(modules, was_training):
-            module.train(mode)
-        for param, trainable in zip(frozen, was_trainable):
-            param.requires_grad_(trainable)
+    # Class prompts are encoded by a private view of the tower: its own dropout switch, the shared weights. The
+    # served model stays in eval mode throughout, so other sessions' embeddings never see dropout.
+    trainer_view = tower.private_view(training=config.train_dropout)
+    for epoch in range(config.epochs):
+        epoch_losses = []
+        for batch in np.array_split(order_rng.permutation(len(data.texts)), steps_per_epoch):
+            if should_stop is not None and should_stop():
+                raise TuningCancelled("Prompt tuning was cancelled")
+            index = torch.from_numpy(batch)
+            loss = _step_loss(trainer_view, class_ids, coarse, fine, features, index, labels[index], tau, config)
+            # Gradients for the prompts only: autograd.grad never writes .grad into the shared weights (which may
+            # require grad) and never needs their requires_grad flags changed, so concurrent runs cannot race.
+            coarse.grad, fine.grad = torch.autograd.grad(loss, [coarse, fine])
+            optimizer.step()
+            epoch_losses.append(loss.item())
+            step += 1
+            _report(progress, step / total, f"Epoch {epoch + 1}/{config.epochs}, loss {loss.item():.4f}")
+        losses.append(float(np.mean(epoch_losses)))
     report = {"epoch_losses": losses, "texts": len(data.texts), "texts_per_class": data.labels.sum(0).astype(int)
               .tolist(), "seconds": round(time.perf_counter() - started, 2), "steps": step}
     return TunedPrompts(names, coarse.detach().cpu(), fine.detach().cpu(), config, clap.name, clap.fingerprint, report)
@@ -404,10 +394,6 @@ def _step_loss(tower, class_ids, coarse, fine, features: CaptionFeatures, index,
                                                                                        config.ranking_scale)
     target = labels.argmax(dim=1)
     return F.cross_entropy(tau * coarse_cos, target) + F.cross_entropy(tau * fine_cos, target)
-
-
-def _tower_modules(tower: TextTower) -> list[nn.Module]:
-    return [m for m in vars(tower).values() if isinstance(m, nn.Module)]
 
 
 def _check_inputs(names: list[str], data: TrainingTexts, config: PromptTuningConfig) -> None:

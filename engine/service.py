@@ -17,6 +17,7 @@ from pathlib import Path
 from engine.audio import Audio, AudioSource, Window, load_audio
 from engine.captioner import Captioner, ClipCaptions
 from engine.clap import ClapBackend, create_clap
+from engine.clap.base import serving_state_ok
 from engine.classifier import Classification, ZeroShotClassifier, build_zero_shot_classifier, classify_audio
 from engine.config import AppConfig
 from engine.datastore import CaptionDatastore, SearchResult
@@ -128,11 +129,16 @@ class AudioScribe:
         """Class embeddings of a prompt set are computed once, not per clip (seconds for a large CLAP). Keyed by the
         prompts' content, so sessions never share anything but identical derived data; a few sets are kept."""
         key = prompts.content_key()
-        if key not in self._classifiers:
-            if len(self._classifiers) >= 8:
-                self._classifiers.pop(next(iter(self._classifiers)))
-            self._classifiers[key] = PromptedClassifier(self.clap, prompts)
-        return self._classifiers[key]
+        if key in self._classifiers:
+            return self._classifiers[key]
+        classifier = PromptedClassifier(self.clap, prompts)
+        if not serving_state_ok(self.clap.modules()):  # never keep embeddings made by a model in train mode
+            log.warning("The CLAP is in train mode while serving; tuned class embeddings are not cached")
+            return classifier
+        if len(self._classifiers) >= 8:
+            self._classifiers.pop(next(iter(self._classifiers)))
+        self._classifiers[key] = classifier
+        return classifier
 
     def status(self) -> dict[str, object]:
         """What is loaded, for logs and the app's header."""

@@ -83,18 +83,40 @@ def test_ranking_loss_by_hand():
 
 def test_only_prompts_learn_and_the_backbone_is_untouched(tiny_clap):
     before = {n: p.detach().clone() for n, p in tiny_clap.model.named_parameters()}
-    grads_seen = []
-    tuned = tune(tiny_clap, CLASSES, synthetic_texts(), PromptTuningConfig(prompt_len=4, epochs=2, batch_size=6),
-                 progress=lambda f, m: grads_seen.append(any(p.grad is not None
-                                                              for p in tiny_clap.model.parameters())))
-    assert not any(grads_seen)  # no backbone parameter ever received a gradient
+    flags_before = {n: p.requires_grad for n, p in tiny_clap.model.named_parameters()}
+    seen = []  # during the run: (any weight has a gradient, any module of the served model in train mode)
+
+    def watch(fraction, message):
+        seen.append((any(p.grad is not None for p in tiny_clap.model.parameters()),
+                     any(m.training for m in tiny_clap.model.modules())))
+
+    tuned = tune(tiny_clap, CLASSES, synthetic_texts(), PromptTuningConfig(prompt_len=4, epochs=2, batch_size=6,
+                                                                           train_dropout=True), progress=watch)
+    assert len(seen) > 2
+    assert not any(grad for grad, _ in seen)  # no backbone parameter ever received a gradient
+    assert not any(training for _, training in seen)  # no module of the shared model ever left eval mode
     for name, param in tiny_clap.model.named_parameters():
         assert torch.equal(param, before[name]), name
-        assert not param.requires_grad or param.grad is None
+        assert param.requires_grad == flags_before[name] and param.grad is None, name
     assert tuned.coarse.shape == (4, 32) and tuned.fine.shape == (4, 32)
     assert not torch.equal(tuned.coarse, tuned.fine)
     assert tuned.report["texts_per_class"] == [8, 8, 8] and len(tuned.report["epoch_losses"]) == 2
-    assert tiny_clap.model.training is False  # the tower is back in eval mode
+
+
+def test_a_private_view_trains_with_dropout_while_the_shared_tower_serves(tiny_clap):
+    tower = tiny_clap.text_tower()
+    view = tower.private_view(training=True)
+    assert all(m.training for m in view.encoder.modules())
+    assert not any(m.training for m in tiny_clap.model.modules())
+    shared = dict(tiny_clap.model.text_model.named_parameters())
+    assert all(p is shared[n] for n, p in view.encoder.named_parameters())  # the same tensors, no copy
+    texts = ["a dog barks", "rain falls on a roof"]
+    idle = tiny_clap.embed_text(texts)
+    ids = tokenize_classes(view, CLASSES, 16)
+    noisy = [prompted_class_embeddings(view, ids.input_ids, ids.attention_mask, torch.zeros(0, 32))
+             for _ in range(2)]
+    assert not torch.equal(noisy[0], noisy[1])  # dropout is on in the view (the tiny CLAP has dropout 0.1)
+    torch.testing.assert_close(tiny_clap.embed_text(texts), idle, rtol=0, atol=0)
 
 
 def test_tuning_is_seeded(tiny_clap):

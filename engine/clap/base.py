@@ -7,6 +7,7 @@ windows no longer than ``max_window_s`` and one batch of texts.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -75,6 +76,19 @@ class TextTower(ABC):
         """Every weight the tower uses (for checks that tuning leaves them untouched)."""
         return []
 
+    def private_view(self, training: bool) -> TextTower:
+        """This tower with its own train/eval flags and the same weights (no copy of a tensor).
+
+        The served model is shared by every session of an app process; switching it to train mode for a tuning run
+        (AFPT encodes class prompts with dropout on) would put dropout into everyone else's embeddings. The view's
+        modules are shallow copies that share parameters and buffers but not the ``training`` flag.
+        """
+        view = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.nn.Module):
+                setattr(view, name, mode_private_copy(value, training))
+        return view
+
 
 class EncoderTextTower(TextTower):
     """The text tower of a [CLS]-first Hugging Face encoder (BERT, RoBERTa, ClapTextModel) and a projection head.
@@ -118,6 +132,21 @@ class EncoderTextTower(TextTower):
 
     def frozen_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters()) + list(self.projection.parameters())
+
+
+def mode_private_copy(module: torch.nn.Module, training: bool) -> torch.nn.Module:
+    """A copy of ``module``'s tree that shares every parameter and buffer (the same tensors) but has its own
+    ``training`` flags, all set to ``training``."""
+    clone = copy.copy(module)  # a new object whose _parameters/_buffers dicts are the original's
+    clone._modules = {name: None if child is None else mode_private_copy(child, training)
+                      for name, child in module._modules.items()}
+    clone.training = training
+    return clone
+
+
+def serving_state_ok(modules: Iterable[torch.nn.Module]) -> bool:
+    """True when no module (at any depth) is in train mode: what a shared, served model must always be."""
+    return not any(m.training for root in modules for m in root.modules())
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -258,6 +287,10 @@ class ClapBackend(ABC):
         if len(clips) == 0:
             return torch.empty(0, self.embedding_dim)
         return torch.stack([w.pooled for w in self.embed_windows(clips, batch_size)])
+
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules this backend serves with (for checks that they stay in eval mode)."""
+        return [m for m in vars(self).values() if isinstance(m, torch.nn.Module)]
 
     def _check_window_config(self) -> None:
         if self.audio_config.window_s > self.max_window_s + 1e-9:
