@@ -3,10 +3,15 @@
 It serves audio-to-text retrieval (top-k captions for an audio embedding) and holds the unit-norm embedding matrix
 that DRCap projects audio embeddings onto (its "support"). On disk it is a directory:
 
-    manifest.json    which CLAP built it (name, fingerprint, embedding size), index type, sources, counts
-    captions.csv     one row per caption: id, caption, source (row i <-> embedding row i)
-    embeddings.npy   [N, D] float32, unit-norm
-    index.faiss      the faiss index over embeddings.npy
+    manifest.json      which CLAP built it (name, fingerprint, embedding size), index type, sources, counts, and
+                       which version folder holds the files (replaced atomically: the commit record)
+    v-000003/
+      captions.csv     one row per caption: id, caption, source (row i <-> embedding row i)
+      embeddings.npy   [N, D] float32, unit-norm
+      index.faiss      the faiss index over embeddings.npy
+
+Every save writes a new version folder and then switches the manifest (engine/atomic.py), so a store killed while
+saving still loads as before. Format-1 stores (files beside the manifest) load as they are.
 
 Loading against a different CLAP is refused: cosine scores between two models' embeddings mean nothing.
 """
@@ -27,13 +32,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from engine.atomic import MANIFEST, clean_leftovers, commit_version, data_folder, read_manifest
 from engine.clap.base import ClapBackend
 from engine.config import DatastoreConfig
 from engine.errors import DatastoreError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files in a version folder named by the manifest; 1: files beside the manifest
+READABLE_FORMATS = (1, 2)
+CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE = "captions.csv", "embeddings.npy", "index.faiss"
+DATA_FILES = (CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE)
 ProgressCallback = Callable[[int, int], None]  # (captions embedded so far, total)
 
 
@@ -41,11 +50,18 @@ ProgressCallback = Callable[[int, int], None]  # (captions embedded so far, tota
 # reading caption files
 
 
-def read_captions(path: str | os.PathLike, csv_column: str = "caption", jsonl_field: str = "target") -> list[str]:
-    """Captions from an AudioCaps-style CSV, a DRCap jsonl (``target`` field) or a text file (one per line)."""
+def read_captions(path: str | os.PathLike, csv_column: str = "caption", jsonl_field: str = "target",
+                  max_mb: float | None = None) -> list[str]:
+    """Captions from an AudioCaps-style CSV, a DRCap jsonl (``target`` field) or a text file (one per line); files
+    over ``max_mb`` are refused before reading."""
     path = Path(path)
     if not path.is_file():
         raise DatastoreError(f"Caption file {path} does not exist")
+    size_mb = path.stat().st_size / 2**20
+    if max_mb is not None and size_mb > max_mb:
+        raise DatastoreError(f"Caption file {path.name} is {size_mb:,.0f} MB; the limit is {max_mb:g} MB "
+                             "(datastore.max_caption_file_mb). Split it, or raise the limit with "
+                             "--set datastore.max_caption_file_mb=...")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
@@ -157,6 +173,7 @@ class DatastoreManifest:
     created: str = ""
     updated: str = ""
     format_version: int = FORMAT_VERSION
+    data: str = ""  # the version folder holding the files ("" = beside the manifest: format 1)
 
 
 @dataclass
@@ -223,7 +240,7 @@ class CaptionDatastore:
             raise DatastoreError("No caption files given")
         store = None
         for path in paths:
-            captions = read_captions(path, config.csv_column, config.jsonl_field)
+            captions = read_captions(path, config.csv_column, config.jsonl_field, config.max_caption_file_mb)
             if store is None:
                 store = cls.build(captions, clap, config, source=Path(path).name, show_progress=show_progress,
                                   progress=progress)
@@ -303,72 +320,146 @@ class CaptionDatastore:
                 "was built with.")
 
     def save(self, directory: str | os.PathLike, compact: bool = False) -> Path:
-        """Write the store to ``directory`` (created; files are replaced one by one via temporary names).
+        """Write the store to ``directory`` as a new version, atomically (engine.atomic.commit_version): the files go
+        into a fresh version folder and the manifest, replaced last in one rename, names it. Killed at any moment,
+        the folder still holds the previous store (or none, for a first build); leftovers go on the next write.
 
         ``compact`` (for stores shipped in a repository): float16 embeddings and, for an exact index, no index file
         (an exact index is rebuilt from the embeddings on load in milliseconds). Half the size, a quarter with the
         index; cosines change by < 1e-3.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         one_source = len(set(self.caption_sources)) <= 1 and self.caption_sources[:1] == self.manifest.sources[:1]
         if compact and one_source:  # the caption column alone: ids are row numbers, the source is the manifest's
             table = pd.DataFrame({"caption": self.captions})
         else:
             table = pd.DataFrame({"id": range(len(self)), "caption": self.captions, "source": self.caption_sources})
-        _atomic_write(directory / "captions.csv", lambda p: table.to_csv(p, index=False))
         stored = self.embeddings.astype(np.float16) if compact else self.embeddings
-        _atomic_write(directory / "embeddings.npy", lambda p: _save_npy(p, stored))
-        if compact and self.manifest.index_type == "flat":
-            (directory / "index.faiss").unlink(missing_ok=True)
-        else:
-            _atomic_write(directory / "index.faiss", lambda p: faiss.write_index(self.index, str(p)))
-        # The manifest goes last: a directory with a manifest is complete.
-        _atomic_write(directory / "manifest.json",
-                      lambda p: Path(p).write_text(json.dumps(asdict(self.manifest), indent=2)))
+
+        def write(folder: Path) -> None:
+            table.to_csv(folder / CAPTIONS_FILE, index=False)
+            _save_npy(folder / EMBEDDINGS_FILE, stored)
+            if not (compact and self.manifest.index_type == "flat"):
+                faiss.write_index(self.index, str(folder / INDEX_FILE))
+
+        self.manifest.format_version = FORMAT_VERSION
+        manifest = {k: v for k, v in asdict(self.manifest).items() if k != "data"}
+        self.manifest.data = commit_version(directory, write, manifest, legacy_files=DATA_FILES)
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, clap: ClapBackend | None = None,
              config: DatastoreConfig | None = None) -> CaptionDatastore:
-        """Open a saved store; with ``clap`` given, refuse it unless that CLAP built the store."""
+        """Open a saved store; with ``clap`` given, refuse it unless that CLAP built the store.
+
+        A writer may commit a new version while this reads; then the version read may vanish mid-way, and the
+        newer one is read instead.
+        """
         directory = Path(directory)
-        manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise DatastoreError(f"{directory} is not a datastore (no manifest.json); build one with "
-                                 "python -m trainers.build_datastore")
-        try:
-            raw = json.loads(manifest_path.read_text())
-            manifest = DatastoreManifest(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise DatastoreError(f"{manifest_path} is malformed: {e}") from e
-        if manifest.format_version != FORMAT_VERSION:
-            raise DatastoreError(f"{directory} has datastore format {manifest.format_version}; this AudioScribe "
-                                 f"reads format {FORMAT_VERSION}. Rebuild it.")
-        table = pd.read_csv(directory / "captions.csv", dtype=str, keep_default_na=False)
-        embeddings = np.load(directory / "embeddings.npy")
-        if embeddings.dtype != np.float32:  # a compact store: float16 on disk, unit-norm float32 in memory
-            embeddings = embeddings.astype(np.float32)
-            embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-        index_path = directory / "index.faiss"
-        if index_path.is_file():
-            index = faiss.read_index(str(index_path))
-        elif manifest.index_type == "flat":  # compact stores ship no exact index: rebuilt below
-            index = faiss.IndexFlatIP(embeddings.shape[1])
-            index.add(np.ascontiguousarray(embeddings))
-        else:
-            raise DatastoreError(f"{directory} has no index.faiss; rebuild it")
-        counts = {len(table), embeddings.shape[0], index.ntotal, manifest.size}
-        if len(counts) != 1 or embeddings.shape[1] != manifest.embedding_dim:
-            raise DatastoreError(f"{directory} is inconsistent (captions {len(table)}, embeddings "
-                                 f"{embeddings.shape}, index {index.ntotal}, manifest {manifest.size}); rebuild it")
-        if isinstance(index, faiss.IndexIVF) and config is not None:
-            index.nprobe = min(config.ivf_nprobe, index.nlist)
-        sources = table["source"].tolist() if "source" in table else [(manifest.sources or [""])[0]] * len(table)
-        store = cls(table["caption"].tolist(), sources, embeddings, manifest, config, index=index)
+        for attempt in range(3):
+            manifest = _read_store_manifest(directory)
+            try:
+                store = cls._load_version(directory, manifest, config)
+                break
+            except FileNotFoundError as e:
+                if attempt < 2 and _read_store_manifest(directory) != manifest:
+                    continue  # a writer switched versions while we read: read the new one
+                raise DatastoreError(f"{directory} is missing {Path(e.filename or '').name or 'a file'} "
+                                     f"(datastore version {manifest.data or 'flat'}); rebuild it") from e
+        clean_leftovers(directory, DATA_FILES)
         if clap is not None:
             store.check_compatible(clap)
         return store
+
+    @classmethod
+    def _load_version(cls, directory: Path, manifest: DatastoreManifest, config: DatastoreConfig | None
+                      ) -> CaptionDatastore:
+        folder = data_folder(directory, asdict(manifest))
+        table = _read_table(folder / CAPTIONS_FILE)
+        embeddings = _read_embeddings(folder / EMBEDDINGS_FILE, manifest.embedding_dim)
+        index_path = folder / INDEX_FILE
+        if index_path.is_file():
+            index = _read_index(index_path)
+        elif manifest.index_type == "flat":  # compact stores ship no exact index: rebuilt here
+            index = faiss.IndexFlatIP(embeddings.shape[1])
+            index.add(np.ascontiguousarray(embeddings))
+        else:
+            raise DatastoreError(f"{folder} has no {INDEX_FILE}; rebuild the datastore")
+        counts = {len(table), embeddings.shape[0], index.ntotal, manifest.size}
+        if len(counts) != 1 or index.d != manifest.embedding_dim:
+            raise DatastoreError(f"{directory} is inconsistent (captions {len(table)}, embeddings "
+                                 f"{embeddings.shape}, index {index.ntotal}×{index.d}, manifest {manifest.size}); "
+                                 "rebuild it")
+        if isinstance(index, faiss.IndexIVF) and config is not None:
+            index.nprobe = min(config.ivf_nprobe, index.nlist)
+        sources = table["source"].tolist() if "source" in table else [(manifest.sources or [""])[0]] * len(table)
+        return cls(table["caption"].tolist(), sources, embeddings, manifest, config, index=index)
+
+
+def is_datastore(directory: str | os.PathLike) -> bool:
+    """True when ``directory`` holds a committed datastore (its manifest); a killed first build leaves none."""
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def current_files(directory: str | os.PathLike) -> Path:
+    """The folder holding the committed version's captions, embeddings and index (for tools that read them)."""
+    return data_folder(directory, asdict(_read_store_manifest(Path(directory))))
+
+
+def _read_store_manifest(directory: Path) -> DatastoreManifest:
+    if not is_datastore(directory):
+        raise DatastoreError(f"{directory} is not a datastore (no {MANIFEST}); build one with "
+                             "python -m trainers.build_datastore")
+    try:
+        manifest = DatastoreManifest(**read_manifest(directory))
+        data_folder(directory, asdict(manifest))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise DatastoreError(f"{directory / MANIFEST} is malformed: {e}") from e
+    if manifest.format_version not in READABLE_FORMATS:
+        raise DatastoreError(f"{directory} has datastore format {manifest.format_version}; this AudioScribe "
+                             f"reads formats {', '.join(map(str, READABLE_FORMATS))}. Rebuild it.")
+    return manifest
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise DatastoreError(f"{path} is not a readable caption table ({type(e).__name__}: {e}); rebuild the "
+                             "datastore") from e
+    if "caption" not in table.columns:
+        raise DatastoreError(f"{path} has no 'caption' column; rebuild the datastore")
+    return table
+
+
+def _read_embeddings(path: Path, dim: int) -> np.ndarray:
+    """The [N, D] unit-norm float32 embedding matrix (float16 on disk in a compact store); never unpickles."""
+    try:
+        embeddings = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise DatastoreError(f"{path} is not a readable .npy embedding matrix ({e}); rebuild the datastore") from e
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim or embeddings.dtype not in (np.float16, np.float32):
+        raise DatastoreError(f"{path} holds a {embeddings.dtype} array of shape {embeddings.shape}; expected "
+                             f"[N, {dim}] float32 (or float16); rebuild the datastore")
+    if not np.isfinite(embeddings).all():
+        raise DatastoreError(f"{path} holds NaN or infinite values; rebuild the datastore")
+    if embeddings.dtype != np.float32:  # a compact store: float16 on disk, unit-norm float32 in memory
+        embeddings = embeddings.astype(np.float32)
+        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    return embeddings
+
+
+def _read_index(path: Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:  # faiss reports a corrupt or truncated file as a RuntimeError with its C++ trace
+        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise DatastoreError(f"{path} is not a readable faiss index ({first_line[:200]}); rebuild the "
+                             "datastore") from e
 
 
 def embed_captions(clap: ClapBackend, captions: Sequence[str], chunk_size: int = 2048, show_progress: bool = False,
@@ -392,12 +483,6 @@ def add_band_retrieval(records: list[dict], clap: ClapBackend, store: CaptionDat
     queries = embed_captions(clap, [r["text"] for r in records], show_progress=show_progress)
     chosen = band_neighbours(queries, store.embeddings, low, high, k, seed)
     return [{**r, "similar_captions": [store.captions[i] for i in rows]} for r, rows in zip(records, chosen)]
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

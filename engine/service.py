@@ -20,7 +20,7 @@ from engine.clap import ClapBackend, create_clap
 from engine.clap.base import serving_state_ok
 from engine.classifier import Classification, ZeroShotClassifier, build_zero_shot_classifier, classify_audio
 from engine.config import AppConfig
-from engine.datastore import CaptionDatastore, SearchResult
+from engine.datastore import CaptionDatastore, SearchResult, is_datastore
 from engine.errors import DatastoreError, ModelLoadError
 from engine.prompt_tuning import (
     ProgressCallback,
@@ -166,14 +166,14 @@ def open_datastore(config: AppConfig, clap: ClapBackend, show_progress: bool = T
     sources' contents, so later starts just load it. No path and no sources: no datastore.
     """
     ds = config.datastore
-    if ds.path and (Path(ds.path) / "manifest.json").is_file():
+    if ds.path and is_datastore(ds.path):
         return CaptionDatastore.load(ds.path, clap, ds)
     if not ds.sources:
         if ds.path:
             raise DatastoreError(f"datastore.path {ds.path} holds no datastore and datastore.sources is empty")
         return None
     target = Path(ds.path) if ds.path else _cache_path(config, clap)
-    if (target / "manifest.json").is_file():
+    if is_datastore(target):
         return CaptionDatastore.load(target, clap, ds)
     log.info("Building the caption datastore from %s into %s (once)", ", ".join(ds.sources), target)
     store = CaptionDatastore.from_files(ds.sources, clap, ds, show_progress=show_progress)

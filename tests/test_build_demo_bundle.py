@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.datastore import CaptionDatastore
+from engine.datastore import CaptionDatastore, current_files
 from engine.service import AudioScribe
 from trainers.build_demo_bundle import BundleConfig, build, bundle_config, main
 
@@ -28,7 +28,7 @@ def test_smoke_build_writes_every_part(smoke_bundle):
     assert (out / "decoder" / "drcap_config.json").is_file() and (out / "decoder" / "llm" / "config.json").is_file()
     for style in ("style_a", "style_b"):
         assert (out / "stores" / style / "manifest.json").is_file()
-        assert not (out / "stores" / style / "index.faiss").exists()  # compact: rebuilt on load
+        assert not (current_files(out / "stores" / style) / "index.faiss").exists()  # compact: rebuilt on load
     heldout = (out / "heldout" / "heldout.jsonl").read_text().splitlines()
     assert heldout and all((out / "heldout" / json.loads(line)["path"]).is_file() for line in heldout)
     examples = [json.loads(line) for line in (out / "examples" / "examples.jsonl").read_text().splitlines()]

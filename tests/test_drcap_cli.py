@@ -8,7 +8,7 @@ import pandas as pd
 import soundfile as sf
 import torch
 
-from engine.datastore import read_jsonl_records
+from engine.datastore import current_files, read_jsonl_records
 from tests.helpers import noise_clip, small_caption_set
 from trainers import batch_caption, evaluate_captions, preprocess_drcap
 
@@ -35,8 +35,9 @@ def test_preprocess_writes_rag_jsonl_support_and_datastore(tmp_path, tiny_clap_d
     train = read_jsonl_records(tmp_path / "prep" / "train_rag.jsonl")
     assert len(train) == 200 and train[0]["key"] == "0" and train[0]["target"] == captions[0]
     assert sum(summary["train"]["with_n_similar"]) == 200
-    store_embeddings = np.load(tmp_path / "prep" / "datastore" / "embeddings.npy")
-    store_captions = pd.read_csv(tmp_path / "prep" / "datastore" / "captions.csv", keep_default_na=False)["caption"]
+    store_embeddings = np.load(current_files(tmp_path / "prep" / "datastore") / "embeddings.npy")
+    store_captions = pd.read_csv(current_files(tmp_path / "prep" / "datastore") / "captions.csv",
+                                 keep_default_na=False)["caption"]
     for record in train[:20]:  # every similar caption is in the band, and not the caption itself
         query = tiny_clap.embed_text([record["text"]]).numpy()[0]
         for similar in record["similar_captions"]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.clap import create_clap
 from engine.config import list_profiles, load_config
-from engine.datastore import CaptionDatastore, read_captions
+from engine.datastore import CaptionDatastore, is_datastore, read_captions
 from engine.errors import AudioScribeError
 
 
@@ -57,7 +57,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def build(args: argparse.Namespace) -> dict:
     config = load_config(args.profile, _overrides(args))
-    exists = (args.out / "manifest.json").is_file()
+    exists = is_datastore(args.out)
     if exists and not args.append:
         raise SystemExit(f"error: {args.out} already holds a datastore; pass --append to add to it, "
                          "or choose another --out")
@@ -67,7 +67,8 @@ def build(args: argparse.Namespace) -> dict:
         store = CaptionDatastore.load(args.out, clap, config.datastore)
         before = len(store)
         for path in args.captions:
-            store.add(read_captions(path, config.datastore.csv_column, config.datastore.jsonl_field), clap,
+            store.add(read_captions(path, config.datastore.csv_column, config.datastore.jsonl_field,
+                                    config.datastore.max_caption_file_mb), clap,
                       source=path.name, show_progress=not args.quiet)
         added = len(store) - before
     else:

@@ -8,7 +8,8 @@ CLAP text embedding, with similar captions in the prompt.
 Models come from the profile (--profile, --set clap.* / llm.*); training settings are the flags below (DRCap's
 defaults). Several GPUs: the same command under `accelerate launch` or `torchrun --nproc_per_node N` (DDP).
 Checkpoints (out/best, out/last) are model.safetensors + drcap_config.json, loaded by the captioner with
-`--set caption.checkpoint=out/best`.
+`--set caption.checkpoint=out/best`. Each is replaced as a whole (a symlink to a hidden, complete version folder), so
+a run killed while saving keeps its previous checkpoint.
 """
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from engine.atomic import commit_directory, recover_directory
 from engine.captioner import build_model
 from engine.clap import ClapBackend, create_clap
 from engine.config import AppConfig, DrcapTrainConfig, load_config
 from engine.datastore import CaptionDatastore, add_band_retrieval, embed_captions, read_caption_records
 from engine.drcap import DrcapModel, write_checkpoint
 from engine.errors import ConfigError
-from trainers.cli import run_trainer
 from engine.llm import load_llm
+from trainers.cli import run_trainer
 
 log = logging.getLogger("train_drcap")
 STATE_FILE = "training_state.pt"
@@ -191,6 +193,7 @@ def train(app: AppConfig, cfg: DrcapTrainConfig, show_progress: bool = True, cla
         model, optimizer, train_loader, val_loader, scheduler)
 
     step, epoch, best_val, skip_batches = 0, 0, math.inf, 0
+    recover_directory(out / "last")  # a run killed while replacing an older real-folder checkpoint
     if cfg.resume and (out / "last" / STATE_FILE).is_file():
         step, epoch, best_val, skip_batches = _resume(out / "last", accelerator, model, optimizer, scheduler)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
@@ -257,16 +260,30 @@ def _save(out: Path, accelerator, model, optimizer, scheduler, clap, app, cfg, r
         return
     inner: DrcapModel = accelerator.unwrap_model(model)
     meta = checkpoint_meta(clap, app, cfg, inner, **record)
-    targets = [out / "last"] + ([out / "best"] if improved else [])
-    for directory in targets:
-        write_checkpoint(directory, inner, meta)
-        if not cfg.use_peft and not cfg.freeze_llm:
-            save_full_model(directory, inner)
     # Position for resume: the next batch of this epoch (or the start of the next one).
     next_epoch, skip = (epoch + 1, 0) if batches_done >= batches_per_epoch else (epoch, batches_done)
-    torch.save({"step": record["step"], "epoch": next_epoch, "skip_batches": skip, "best_val": best_val,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, out / "last" / STATE_FILE)
+    state = {"step": record["step"], "epoch": next_epoch, "skip_batches": skip, "best_val": best_val,
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    full_model = not cfg.use_peft and not cfg.freeze_llm
+    save_training_checkpoint(out / "last", inner, meta, state, full_model)
+    if improved:
+        save_training_checkpoint(out / "best", inner, meta, None, full_model)
+
+
+def save_training_checkpoint(directory: Path, model: DrcapModel, meta: dict, state: dict | None,
+                             full_model: bool) -> Path:
+    """One checkpoint folder (adapters + settings, the LLM when fully fine-tuned, the resume state), replaced as a
+    whole (engine.atomic.commit_directory): killed at any moment, ``directory`` holds the previous checkpoint or
+    this one, never the weights of one step beside the optimizer state of another."""
+    def write(folder: Path) -> None:
+        write_checkpoint(folder, model, meta)
+        if full_model:
+            save_full_model(folder, model)
+        if state is not None:
+            torch.save(state, folder / STATE_FILE)
+
+    return commit_directory(directory, write)
 
 
 def _resume(directory: Path, accelerator, model, optimizer, scheduler) -> tuple[int, int, float, int]:
