@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.atomic import atomic_write, atomic_write_text
 from engine.audio import Audio, Window
 from engine.clap.base import ClapBackend, TextTower, TokenizedText
 from engine.config import PromptTuningConfig
@@ -40,9 +41,38 @@ from engine.errors import AudioScribeError, ClassifierInputError, ModelLoadError
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = "prompts.safetensors"
-META_FILE = "prompts.json"
+META_FILE = "prompts.json"  # a readable copy of the header's metadata
+HEADER_KEY = "audioscribe"  # the safetensors header entry holding the metadata as JSON
 FORMAT = "audioscribe-prompts"
 ProgressCallback = Callable[[float, str], None]  # (fraction done, message)
+
+
+def _read_prompts_file(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a prompts file; metadata from the header, or from prompts.json beside a version-1
+    file (written before the header held it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"{file.name} is not a safetensors file of tuned prompts ({e})") from e
+    if {"coarse", "fine"} - tensors.keys():
+        raise ModelLoadError(f"{file.name} holds no 'coarse' and 'fine' prompt tensors")
+    try:
+        if HEADER_KEY in header:
+            meta = json.loads(header[HEADER_KEY])
+        elif (file.parent / META_FILE).is_file():
+            meta = json.loads((file.parent / META_FILE).read_text(encoding="utf-8"))
+        else:
+            raise ModelLoadError(f"{file.name} holds prompt tensors but no class names (no metadata in its header "
+                                 f"and no {META_FILE} beside it)")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"The metadata of {file.name} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelLoadError(f"{file.name} is not a tuned-prompts file (format {FORMAT!r} expected)")
+    return tensors, meta
 
 
 class TuningCancelled(AudioScribeError):
@@ -204,30 +234,46 @@ class TunedPrompts:
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
+    def metadata(self) -> dict:
+        return {"format": FORMAT, "version": 2, "class_names": self.class_names, "clap": {
+            "name": self.clap_name, "fingerprint": self.clap_fingerprint}, "config": asdict(self.config),
+            "report": self.report}
+
     def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/prompts.safetensors`` in one atomic write: the tensors and, in the safetensors header,
+        the class names, the CLAP and the settings, so prompts can never be read under another file's class names.
+        ``prompts.json`` beside it is a readable copy that loading ignores."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"coarse": self.coarse.contiguous().cpu(), "fine": self.fine.contiguous().cpu()},
-                  str(directory / PROMPTS_FILE))
-        meta = {"format": FORMAT, "version": 1, "class_names": self.class_names, "clap": {
-            "name": self.clap_name, "fingerprint": self.clap_fingerprint}, "config": asdict(self.config),
-            "report": self.report}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+        meta = self.metadata()
+        tensors = {"coarse": self.coarse.detach().contiguous().cpu(), "fine": self.fine.detach().contiguous().cpu()}
+        atomic_write(directory / PROMPTS_FILE,
+                     lambda tmp: save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(meta)}))
+        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, clap: ClapBackend | None = None) -> TunedPrompts:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        if not (directory / META_FILE).is_file() or not (directory / PROMPTS_FILE).is_file():
-            raise ModelLoadError(f"{directory} holds no tuned prompts ({PROMPTS_FILE} + {META_FILE})")
-        meta = json.loads((directory / META_FILE).read_text())
-        tensors = load_file(str(directory / PROMPTS_FILE))
-        prompts = cls(meta["class_names"], tensors["coarse"], tensors["fine"], PromptTuningConfig(**meta["config"]),
-                      meta["clap"]["name"], meta["clap"]["fingerprint"], meta.get("report", {}))
+    def load(cls, path: str | os.PathLike, clap: ClapBackend | None = None) -> TunedPrompts:
+        """Prompts from a folder written by :meth:`save` or from its ``.safetensors`` file alone (e.g. uploaded)."""
+        path = Path(path)
+        file = path / PROMPTS_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ModelLoadError(f"{path} holds no tuned prompts ({PROMPTS_FILE})")
+        tensors, meta = _read_prompts_file(file)
+        try:
+            config = PromptTuningConfig(**meta["config"])
+            prompts = cls(list(meta["class_names"]), tensors["coarse"], tensors["fine"], config,
+                          meta["clap"]["name"], meta["clap"]["fingerprint"], meta.get("report", {}))
+        except (KeyError, TypeError) as e:
+            raise ModelLoadError(f"{file.name} is not a tuned-prompts file of this AudioScribe (missing or unknown "
+                                 f"field {e})") from e
+        expected = (config.prompt_len, prompts.coarse.shape[-1])
+        if prompts.coarse.ndim != 2 or prompts.coarse.shape != prompts.fine.shape or \
+                prompts.coarse.shape[0] != config.prompt_len:
+            raise ModelLoadError(f"{file.name} holds prompts of shape {tuple(prompts.coarse.shape)} / "
+                                 f"{tuple(prompts.fine.shape)}; expected {expected} each")
         if clap is not None:
             prompts.check_compatible(clap)
         return prompts
@@ -399,6 +445,10 @@ def _step_loss(tower, class_ids, coarse, fine, features: CaptionFeatures, index,
 def _check_inputs(names: list[str], data: TrainingTexts, config: PromptTuningConfig) -> None:
     if not names:
         raise ClassifierInputError("Give at least one class name to tune prompts for")
+    if len(names) > config.max_classes:
+        raise ClassifierInputError(f"{len(names)} class names to tune; the limit is {config.max_classes} "
+                                   "(tuning.max_classes): every step encodes every class, so a run grows with the "
+                                   "square of the class count. Tune fewer classes, or zero-shot classify them all.")
     if len({n.casefold() for n in names}) != len(names):
         raise ClassifierInputError("Class names must be distinct (case-insensitive)")
     if data.labels.shape != (len(data.texts), len(names)):

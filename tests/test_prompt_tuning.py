@@ -142,6 +142,32 @@ def test_save_load_reproduces_scores(tiny_clap, other_clap, tmp_path):
         TunedPrompts.load(tmp_path / "prompts", other_clap)
 
 
+def test_prompts_are_one_file_with_their_class_names_in_its_header(tiny_clap, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    config = PromptTuningConfig(prompt_len=2)
+    old = TunedPrompts(["dog", "rain"], torch.randn(2, 32, generator=generator), torch.randn(2, 32, generator=generator),
+                       config, tiny_clap.name, tiny_clap.fingerprint)
+    new = TunedPrompts(["siren", "bell"], torch.randn(2, 32, generator=generator),
+                       torch.randn(2, 32, generator=generator), config, tiny_clap.name, tiny_clap.fingerprint)
+    old.save(tmp_path / "p")
+    stale_json = (tmp_path / "p" / "prompts.json").read_text()
+    new.save(tmp_path / "p")
+    (tmp_path / "p" / "prompts.json").write_text(stale_json)  # the state a kill between two writes used to leave
+    loaded = TunedPrompts.load(tmp_path / "p", tiny_clap)
+    assert loaded.class_names == ["siren", "bell"] and torch.equal(loaded.coarse, new.coarse)
+    alone = TunedPrompts.load(tmp_path / "p" / "prompts.safetensors", tiny_clap)  # e.g. uploaded without the JSON
+    assert alone.class_names == ["siren", "bell"] and torch.equal(alone.fine, new.fine)
+    (tmp_path / "not_prompts.safetensors").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt " + bytes(64))
+    with pytest.raises(ModelLoadError, match="not_prompts.safetensors is not a safetensors file of tuned prompts"):
+        TunedPrompts.load(tmp_path / "not_prompts.safetensors")
+    from safetensors.torch import save_file
+    save_file({"coarse": torch.zeros(2, 32)}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(ModelLoadError, match="holds no 'coarse' and 'fine' prompt tensors"):
+        TunedPrompts.load(tmp_path / "half.safetensors")
+    with pytest.raises(ModelLoadError, match="holds no tuned prompts"):
+        TunedPrompts.load(tmp_path / "missing")
+
+
 def test_bad_inputs_and_cancellation(tiny_clap):
     with pytest.raises(ClassifierInputError, match="No training texts for: siren"):
         data = synthetic_texts()
