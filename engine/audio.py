@@ -6,7 +6,13 @@ cannot read (m4a, mp4, webm, ...) go through FFmpeg when it is installed. Either
 channels are averaged into mono here (not by the decoder) so both paths agree, and the waveform is resampled only on
 request. Nothing here is random: the same input always gives the same samples and the same windows.
 
-Bad input raises the typed errors of :mod:`engine.errors` with a message meant for the user.
+Memory: every input is decoded in blocks of a few MiB, each block down-mixed and resampled at once, so the peak stays
+near the size of the mono result whatever the file's channel count and sample rate (an 8-channel 96 kHz file never
+exists in memory at full width). Headers are checked before decoding: the duration limit, at most
+:data:`MAX_CHANNELS` channels and :data:`MAX_SAMPLE_RATE` Hz, and a pair of rates that can be resampled cheaply.
+
+Bad input raises the typed errors of :mod:`engine.errors` with a message meant for the user. Messages name a file by
+its base name only, never by the folder it sits in (for uploads, a server-side temporary folder).
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import NoReturn, Union
+from typing import IO, Iterator, NoReturn, Union
 
 import numpy as np
 import soundfile as sf
+from numpy.lib.stride_tricks import sliding_window_view
 
 from engine.config import WINDOW_POLICIES
 from engine.errors import (
@@ -74,6 +81,20 @@ _FFMPEG_EXTENSIONS: dict[str, str] = {
 }
 
 _PROBE_BYTES = 16  # enough for every magic number below
+
+# What a file's header may claim, checked before decoding. Memory does not grow with either (files are decoded in
+# blocks), but decoding time does, and no real recording needs more.
+MAX_CHANNELS = 64
+MAX_SAMPLE_RATE = 384_000
+
+_BLOCK_BYTES = 1 << 22  # interleaved float32 decoded per block: 4 MiB whatever the channel count
+_RESAMPLE_BUDGET = 1 << 20  # float32 elements (4 MiB) per intermediate array of one resampling step
+# Resampling convolves with a [new, 1, orig + 2 * width] sinc kernel, for the two rates divided by their gcd. Rates
+# without a large common factor (44101 -> 48000 Hz) would need 8 GiB for it and as many multiply-adds per output
+# sample; every pair of common rates needs fewer than 2**18 elements.
+_MAX_RESAMPLE_KERNEL = 1 << 20  # elements (4 MiB)
+_UNKNOWN_LENGTH_S = 60.0  # output allocated up front (in seconds) when a header does not state its length
+_SOUNDFILE_ERRORS = (sf.SoundFileError, RuntimeError, TypeError, ValueError)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -145,17 +166,15 @@ def load_audio(
         raise ValueError(f"max_duration_s must be > 0, got {max_duration_s!r}")
 
     if isinstance(source, tuple):
-        frames, sample_rate, name = _frames_from_tuple(source, max_duration_s)
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        frames, sample_rate, name = _frames_from_bytes(bytes(source), max_duration_s)
-    elif isinstance(source, (str, os.PathLike)):
-        frames, sample_rate, name = _frames_from_path(os.fspath(source), max_duration_s)
-    else:
-        raise TypeError(
-            f"Unsupported audio source of type {type(source).__name__}; "
-            "expected a path, bytes, or a (sample_rate, array) tuple."
-        )
-    return _finish(frames, sample_rate, name, target_sample_rate)
+        return _load_tuple(source, target_sample_rate, max_duration_s)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _load_bytes(bytes(source), target_sample_rate, max_duration_s)
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path(os.fspath(source), target_sample_rate, max_duration_s)
+    raise TypeError(
+        f"Unsupported audio source of type {type(source).__name__}; "
+        "expected a path, bytes, or a (sample_rate, array) tuple."
+    )
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -169,18 +188,25 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 
 
 def resample(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Band-limited (windowed sinc) resampling of a [T] waveform; float32 out, the input itself when rates match."""
+    """Band-limited (windowed sinc) resampling of a [T] waveform; float32 out, the input itself when rates match.
+
+    The same filter as ``torchaudio.functional.resample`` (equal within float rounding), applied span by span so
+    that memory stays near the size of the input and output. Rates that share no large common factor (44101 ->
+    48000 Hz) raise :class:`AudioError` (a ValueError): their filter alone would need gigabytes.
+    """
     orig_sr = _check_sample_rate(orig_sr, what="orig_sr", error=ValueError)
     target_sr = _check_sample_rate(target_sr, what="target_sr", error=ValueError)
+    samples = np.ascontiguousarray(waveform, dtype=np.float32)
     if orig_sr == target_sr:
-        return np.ascontiguousarray(waveform, dtype=np.float32)
-    # Imported here: torch costs seconds to import and loading at the native rate does not need it.
-    import torch
-    import torchaudio.functional as taf
-
-    tensor = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))  # [T]
-    out = taf.resample(tensor, orig_sr, target_sr)  # [ceil(T * target / orig)]
-    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+        return samples
+    if samples.ndim != 1:  # [..., T]: each row on its own, as torchaudio does
+        rows = [resample(row, orig_sr, target_sr) for row in samples.reshape(-1, samples.shape[-1])]
+        return np.stack(rows).reshape(*samples.shape[:-1], -1)
+    resampler = _Resampler(orig_sr, target_sr, what="The waveform")
+    out = _GrowingArray(resampler.output_length(samples.shape[0]), limit=None)
+    for chunk in (*resampler.push(samples), *resampler.finish()):
+        out.append(chunk)
+    return out.take()
 
 
 def plan_windows(
@@ -238,21 +264,28 @@ def split_windows(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# sources -> (frames [T, C] float32, native sample rate, display name)
+# sources -> Audio
 
 
-def _frames_from_tuple(source: tuple, max_duration_s: float) -> tuple[np.ndarray, int, str]:
+def _load_tuple(source: tuple, target_sample_rate: int | None, max_duration_s: float) -> Audio:
     if len(source) != 2:
         raise AudioError(f"An audio tuple must be (sample_rate, samples), got {len(source)} items.")
     sample_rate = _check_sample_rate(source[0], what="The sample rate of the audio array", error=AudioError)
     samples = np.asarray(source[1])
     # Shape alone gives the duration, so refuse long arrays before converting them.
-    num_samples = _array_layout(samples)[0]
+    num_samples, channels, channels_first = _array_layout(samples)
     _check_duration(num_samples / sample_rate, max_duration_s)
-    return _as_frames(samples), sample_rate, "<array>"
+    if num_samples == 0 or channels == 0:
+        raise EmptyAudioError(f"The audio array (shape {samples.shape}) contains no samples.")
+    rows = samples.reshape(-1, 1) if samples.ndim == 1 else (samples.T if channels_first else samples)  # [T, C] view
+    sink = _MonoSink("<array>", sample_rate, channels, target_sample_rate, max_duration_s, num_samples)
+    step = _block_frames(channels)
+    for start in range(0, num_samples, step):  # converted block by block: no full-width float32 copy
+        sink.push(_to_float32(rows[start : start + step]))  # [t, C]
+    return sink.finish()
 
 
-def _frames_from_path(path: str, max_duration_s: float) -> tuple[np.ndarray, int, str]:
+def _load_path(path: str, target_sample_rate: int | None, max_duration_s: float) -> Audio:
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, "Audio file not found", path)
     if os.path.isdir(path):
@@ -261,22 +294,24 @@ def _frames_from_path(path: str, max_duration_s: float) -> tuple[np.ndarray, int
     if os.path.getsize(path) == 0:
         raise EmptyAudioError(f"'{name}' is empty (0 bytes); it contains no samples.")
 
-    decoded, sf_error = _decode_soundfile(path, max_duration_s)
-    if decoded is not None:
-        return (*decoded, name)
+    audio, sf_error = _decode_soundfile(path, name, max_duration_s, target_sample_rate)
+    if audio is not None:
+        return audio
+    if ffmpeg_available():
+        return _decode_ffmpeg(path, name, max_duration_s, target_sample_rate)
     with open(path, "rb") as f:
         head = f.read(_PROBE_BYTES)
-    return (*_decode_without_soundfile(path, name, head, os.path.splitext(path)[1], sf_error, max_duration_s), name)
+    _raise_not_decodable(name, head, os.path.splitext(path)[1], sf_error)
 
 
-def _frames_from_bytes(data: bytes, max_duration_s: float) -> tuple[np.ndarray, int, str]:
+def _load_bytes(data: bytes, target_sample_rate: int | None, max_duration_s: float) -> Audio:
     name = "<bytes>"
     if not data:
         raise EmptyAudioError("The audio data is empty (0 bytes); it contains no samples.")
 
-    decoded, sf_error = _decode_soundfile(io.BytesIO(data), max_duration_s)
-    if decoded is not None:
-        return (*decoded, name)
+    audio, sf_error = _decode_soundfile(io.BytesIO(data), name, max_duration_s, target_sample_rate)
+    if audio is not None:
+        return audio
     if not ffmpeg_available():
         _raise_not_decodable(name, data[:_PROBE_BYTES], "", sf_error)
     # FFmpeg gets a real file, not a pipe: MP4/M4A may keep the index (moov atom) at the end, which needs seeking.
@@ -284,18 +319,9 @@ def _frames_from_bytes(data: bytes, max_duration_s: float) -> tuple[np.ndarray, 
     try:
         with tmp:
             tmp.write(data)
-        return (*_decode_ffmpeg(tmp.name, name, max_duration_s), name)
+        return _decode_ffmpeg(tmp.name, name, max_duration_s, target_sample_rate)
     finally:
         os.unlink(tmp.name)
-
-
-def _decode_without_soundfile(
-    path: str, name: str, head: bytes, extension: str, sf_error: str, max_duration_s: float
-) -> tuple[np.ndarray, int]:
-    """The fallback once libsndfile gave up: FFmpeg if installed, else a precise error."""
-    if ffmpeg_available():
-        return _decode_ffmpeg(path, name, max_duration_s)
-    _raise_not_decodable(name, head, extension, sf_error)
 
 
 def _raise_not_decodable(name: str, head: bytes, extension: str, sf_error: str) -> NoReturn:
@@ -340,56 +366,110 @@ def _ffmpeg_container(head: bytes, extension: str) -> str | None:
 # decoders
 
 
-def _decode_soundfile(file: str | io.BytesIO, max_duration_s: float) -> tuple[tuple[np.ndarray, int] | None, str]:
-    """Decode with libsndfile: ((frames [T, C] float32, sample rate), "") or (None, libsndfile's error message)."""
+def _decode_soundfile(
+    file: str | io.BytesIO, name: str, max_duration_s: float, target_sample_rate: int | None
+) -> tuple[Audio | None, str]:
+    """Decode with libsndfile, block by block: (Audio, "") or (None, libsndfile's error) when it cannot read it."""
     try:
         info = sf.info(file)
-    except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
-        return None, _short_error(exc)
+    except _SOUNDFILE_ERRORS as exc:
+        return None, _short_error(exc, file, name)
+    sample_rate, channels = int(info.samplerate), int(info.channels)
+    _check_stream_layout(sample_rate, channels, name)
+    if info.frames > 0:  # some headers do not know their length; the sink still stops one block past the limit
+        _check_duration(info.frames / sample_rate, max_duration_s)
+    sink = _MonoSink(name, sample_rate, channels, target_sample_rate, max_duration_s, info.frames)
     if isinstance(file, io.BytesIO):
         file.seek(0)
-
-    sample_rate = int(info.samplerate)
-    if info.frames > 0:  # some headers do not know their length; the bounded read below still protects
-        _check_duration(info.frames / sample_rate, max_duration_s)
-    max_frames = _max_frames(max_duration_s, sample_rate)
     try:
-        # Read one frame past the limit so that a header which under-reports the length is still caught.
-        frames, _ = sf.read(
-            file, dtype="float32", always_2d=True, frames=-1 if max_frames is None else max_frames + 1
-        )  # [T, C]
-    except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
-        return None, _short_error(exc)
-    if max_frames is not None and frames.shape[0] > max_frames:
-        _raise_too_long(None, max_duration_s)
-    return (frames, sample_rate), ""
+        with sf.SoundFile(file) as sound:
+            for block in _soundfile_blocks(sound):
+                sink.push(block)
+    except AudioError:
+        raise  # the limit was hit: not a decoding failure, though AudioError is a ValueError too
+    except _SOUNDFILE_ERRORS as exc:
+        return None, _short_error(exc, file, name)
+    return sink.finish(), ""
 
 
-def _decode_ffmpeg(path: str, name: str, max_duration_s: float) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream with FFmpeg at its native rate and channel count -> (frames [T, C], rate)."""
+def _soundfile_blocks(sound: sf.SoundFile) -> Iterator[np.ndarray]:
+    """Successive [t, C] float32 blocks of ``sound``, each a view of one reused buffer, until libsndfile stops."""
+    buffer = np.empty((_block_frames(sound.channels), sound.channels), dtype=np.float32)
+    while True:
+        block = sound.read(out=buffer)  # reads to the end, not to the header's frame count, which may be wrong
+        if block.shape[0] == 0:
+            return
+        yield block
+
+
+def _decode_ffmpeg(path: str, name: str, max_duration_s: float, target_sample_rate: int | None) -> Audio:
+    """Decode the first audio stream with FFmpeg at its native rate and channel count, streaming its output."""
     sample_rate, channels, duration_s = _ffprobe_audio_stream(path, name)
+    _check_stream_layout(sample_rate, channels, name)
     if duration_s is not None:
         _check_duration(duration_s, max_duration_s)
+    expected_frames = round(duration_s * sample_rate) if duration_s is not None else 0
+    sink = _MonoSink(name, sample_rate, channels, target_sample_rate, max_duration_s, expected_frames)
 
     # -ac/-ar restate the probed values: normally no-ops, they guarantee the layout the reshape below relies on.
+    # FFmpeg's own down-mix (-ac 1) is not used: it weights channels by layout (5.1 drops LFE), unlike the plain
+    # mean that the soundfile path takes, and the output is streamed anyway, so its width costs no memory.
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-map", "0:a:0", "-vn", "-sn", "-dn",
            "-ac", str(channels), "-ar", str(sample_rate)]  # fmt: skip
-    max_frames = _max_frames(max_duration_s, sample_rate)
-    if max_frames is not None:
+    if not math.isinf(max_duration_s):
         cmd += ["-t", f"{max_duration_s + 1.0:.3f}"]  # bounded even when the container does not state a duration
     cmd += ["-f", "f32le", "-acodec", "pcm_f32le", "-"]
-    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-    if result.returncode != 0:
-        raise UndecodableAudioError(
-            f"FFmpeg could not decode '{name}': {_stderr_tail(result.stderr, path, name)}. "
-            "The file may be corrupt or not audio at all."
-        )
+    # stderr goes to a file, not a pipe: a pipe nobody reads while stdout is streamed could fill up and block FFmpeg.
+    with tempfile.TemporaryFile() as stderr:
+        returncode = _stream_ffmpeg(cmd, channels, sink, stderr)
+        if returncode != 0:
+            raise UndecodableAudioError(
+                f"FFmpeg could not decode '{name}': {_stderr_tail(_read_tail(stderr), path, name)}. "
+                "The file may be corrupt or not audio at all."
+            )
+    return sink.finish()
 
-    usable = len(result.stdout) // (4 * channels) * (4 * channels)  # drop a partial trailing frame, if any
-    frames = np.frombuffer(result.stdout[:usable], dtype="<f4").reshape(-1, channels)  # [T, C], read-only view
-    if max_frames is not None and frames.shape[0] > max_frames:
-        _raise_too_long(None, max_duration_s)  # output was cut at the limit, so its length is not the real one
-    return frames, sample_rate
+
+def _stream_ffmpeg(cmd: list[str], channels: int, sink: _MonoSink, stderr: IO[bytes]) -> int:
+    """Run FFmpeg, feed its raw float32 output to ``sink`` block by block, and return its exit status.
+
+    If the sink refuses a block (too long), FFmpeg is killed instead of being left to decode the rest.
+    """
+    frame_bytes = 4 * channels
+    buffer = bytearray(_block_frames(channels) * frame_bytes)
+    process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+    try:
+        while (size := _read_full(process.stdout, buffer)) >= frame_bytes:
+            usable = size // frame_bytes  # whole frames; a partial trailing frame (only at the end) is dropped
+            sink.push(np.frombuffer(buffer, dtype="<f4", count=usable * channels).reshape(usable, channels))
+            if size < len(buffer):
+                break  # end of output
+    except BaseException:
+        process.kill()
+        raise
+    finally:
+        process.stdout.close()
+        process.wait()
+    return process.returncode
+
+
+def _read_full(stream: IO[bytes], buffer: bytearray) -> int:
+    """Fill ``buffer`` from ``stream`` unless the stream ends first; returns the number of bytes read."""
+    filled = 0
+    with memoryview(buffer) as view:
+        while filled < len(buffer):
+            got = stream.readinto(view[filled:])
+            if not got:
+                break
+            filled += got
+    return filled
+
+
+def _read_tail(file: IO[bytes], max_bytes: int = 1 << 16) -> bytes:
+    """The last ``max_bytes`` of ``file``: FFmpeg may log an error per broken packet of a long file."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(max(0, size - max_bytes))
+    return file.read()
 
 
 def _ffprobe_audio_stream(path: str, name: str) -> tuple[int, int, float | None]:
@@ -411,7 +491,7 @@ def _ffprobe_audio_stream(path: str, name: str) -> tuple[int, int, float | None]
     stream = streams[0]
     sample_rate = _to_int(stream.get("sample_rate"))
     channels = _to_int(stream.get("channels"))
-    if not sample_rate or not channels:
+    if (sample_rate or 0) <= 0 or (channels or 0) <= 0:
         raise UndecodableAudioError(f"'{name}' has an audio stream without a usable sample rate or channel count.")
     # Matroska/WebM store the duration only on the container, MP4 on both.
     duration = _to_float(stream.get("duration")) or _to_float((probe.get("format") or {}).get("duration"))
@@ -419,26 +499,216 @@ def _ffprobe_audio_stream(path: str, name: str) -> tuple[int, int, float | None]
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# block-wise down-mix and resampling
+
+
+class _MonoSink:
+    """Takes decoded frames block by block and keeps only the mono result at the output rate.
+
+    Each block is checked (limit, NaN/inf), averaged to mono and resampled at once, so nothing as wide as the file
+    is ever held. Errors come in the order a whole-file decode gave them: too long as soon as the limit is passed;
+    empty, then non-finite, once every block is in.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        sample_rate: int,
+        channels: int,
+        target_sample_rate: int | None,
+        max_duration_s: float,
+        expected_frames: int,
+    ) -> None:
+        self._name, self._sample_rate, self._channels = name, sample_rate, channels
+        self._out_rate = target_sample_rate or sample_rate
+        self._max_duration_s = max_duration_s
+        self._max_frames = _max_frames(max_duration_s, sample_rate)
+        # Built before any decoding, so that unusable rates are refused from the header alone.
+        self._resampler = (
+            _Resampler(sample_rate, self._out_rate, what=f"'{name}'") if self._out_rate != sample_rate else None
+        )
+        self._out = _GrowingArray(
+            self._output_length(self._expected_frames(expected_frames)),
+            limit=None if self._max_frames is None else self._output_length(self._max_frames),
+        )
+        self._frames = 0  # input frames seen
+        self._non_finite = 0  # frames with a NaN or infinity in any channel
+        self._first_non_finite = 0
+
+    def push(self, frames: np.ndarray) -> None:
+        """Add frames [t, C] float32 (may be a view of a buffer the caller reuses: nothing keeps a reference)."""
+        if self._max_frames is not None and self._frames + frames.shape[0] > self._max_frames:
+            _raise_too_long(None, self._max_duration_s)  # the read stopped here, so the real length is unknown
+        self._count_non_finite(frames)
+        self._frames += frames.shape[0]
+        if self._non_finite:
+            return  # finish() will refuse the audio: down-mixing and resampling the rest would be wasted work
+        mono = _downmix(frames)  # [t]
+        for chunk in self._resampler.push(mono) if self._resampler is not None else (mono,):
+            self._out.append(chunk)
+
+    def finish(self) -> Audio:
+        if self._frames == 0:
+            raise EmptyAudioError(f"'{self._name}' contains no samples.")
+        if self._non_finite:
+            count, first = self._non_finite, self._first_non_finite
+            raise NonFiniteAudioError(
+                f"'{self._name}' contains {count} non-finite sample{'s' if count != 1 else ''} (NaN or infinity); "
+                f"the first is at {_format_duration(first / self._sample_rate, decimals=3)} (sample {first})."
+            )
+        if self._resampler is not None:
+            for chunk in self._resampler.finish():
+                self._out.append(chunk)
+        return Audio(
+            waveform=self._out.take(),
+            sample_rate=self._out_rate,
+            original_sample_rate=self._sample_rate,
+            original_channels=self._channels,
+            source=self._name,
+        )
+
+    def _count_non_finite(self, frames: np.ndarray) -> None:
+        finite = np.isfinite(frames)  # [t, C]
+        if finite.all():
+            return
+        bad = ~finite.all(axis=1)  # [t] True where any channel is NaN or +-inf
+        if not self._non_finite:
+            self._first_non_finite = self._frames + int(np.argmax(bad))
+        self._non_finite += int(bad.sum())
+
+    def _expected_frames(self, header_frames: int) -> int:
+        """Frames to allocate the output for: the header's count, within the limit (headers can lie or not know)."""
+        if header_frames <= 0:
+            header_frames = int(_UNKNOWN_LENGTH_S * self._sample_rate)
+        return header_frames if self._max_frames is None else min(header_frames, self._max_frames)
+
+    def _output_length(self, frames: int) -> int:
+        return frames if self._resampler is None else self._resampler.output_length(frames)
+
+
+class _Resampler:
+    """``torchaudio.functional.resample`` fed block by block: the same sinc kernel and the same zero padding at both
+    ends, applied to fixed spans of the signal so that the output does not depend on how the input was cut.
+
+    torchaudio pads the whole signal x into [0] * width + x + [0] * (width + orig) and convolves it with stride
+    ``orig`` (rates divided by their gcd): position j reads padded samples [j * orig, j * orig + taps) and gives
+    ``new`` output samples. Only the padded signal from the next unprocessed position on is kept here.
+    """
+
+    def __init__(self, orig_sr: int, target_sr: int, *, what: str) -> None:
+        gcd = math.gcd(orig_sr, target_sr)
+        self._orig, self._new = orig_sr // gcd, target_sr // gcd
+        # torchaudio's filter half-width for its defaults (lowpass_filter_width=6, rolloff=0.99), computed here to
+        # refuse a huge kernel before building it.
+        width = math.ceil(6 * self._orig / (min(self._orig, self._new) * 0.99))
+        if self._new * (self._orig + 2 * width) > _MAX_RESAMPLE_KERNEL:
+            raise AudioError(
+                f"{what} has a sample rate of {orig_sr} Hz, which cannot be resampled to {target_sr} Hz at a "
+                f"reasonable cost (the two rates share only a factor of {gcd}). "
+                "Convert it to a common rate such as 44100 or 48000 Hz."
+            )
+        import torch  # imported here: torch costs seconds to import, and loading at the native rate does not need it
+        import torchaudio.transforms
+
+        transform = torchaudio.transforms.Resample(orig_sr, target_sr, dtype=torch.float32)
+        kernel = transform.kernel.numpy()  # [new, 1, taps]
+        self._taps = kernel.shape[-1]
+        self._kernel_t = np.ascontiguousarray(kernel[:, 0, :].T)  # [taps, new]
+        self._tail = transform.width + self._orig  # zeros torchaudio appends after the signal
+        # Positions per product: the windows [chunk, taps] and the output [chunk, new] stay within the budget.
+        self._chunk = max(1, _RESAMPLE_BUDGET // max(self._taps, self._new))
+        self._pending = np.zeros(transform.width, dtype=np.float32)  # padded signal not yet fully used
+        self._length = 0  # input samples seen
+        self._emitted = 0  # output samples returned
+
+    def output_length(self, num_samples: int) -> int:
+        """ceil(T * new / orig) output samples for T input samples, as torchaudio."""
+        return -(-num_samples * self._new // self._orig)
+
+    def push(self, samples: np.ndarray) -> list[np.ndarray]:
+        """Add input samples [t]; returns the output chunks that are now complete."""
+        self._length += samples.shape[0]
+        self._pending = np.concatenate([self._pending, samples])
+        return self._convolve(final=False)
+
+    def finish(self) -> list[np.ndarray]:
+        """The remaining output, trimmed to ``output_length`` of all the input."""
+        self._pending = np.concatenate([self._pending, np.zeros(self._tail, dtype=np.float32)])
+        chunks, keep = [], self.output_length(self._length) - self._emitted
+        for chunk in self._convolve(final=True):
+            chunks.append(chunk[:keep])
+            keep -= chunks[-1].shape[0]
+        return chunks
+
+    def _convolve(self, *, final: bool) -> list[np.ndarray]:
+        positions = max(0, (self._pending.shape[0] - self._taps) // self._orig + 1)
+        if not final:
+            positions -= positions % self._chunk  # whole chunks only: spans fall at the same places for any blocks
+        chunks = []
+        for start in range(0, positions, self._chunk):
+            count = min(self._chunk, positions - start)
+            span = self._pending[start * self._orig : (start + count - 1) * self._orig + self._taps]
+            chunks.append(self._apply_kernel(span))  # [count * new]
+        self._pending = self._pending[positions * self._orig :]
+        self._emitted += sum(chunk.shape[0] for chunk in chunks)
+        return chunks
+
+    def _apply_kernel(self, span: np.ndarray) -> np.ndarray:
+        """torchaudio's strided conv1d as a product of the sliding windows with the kernel, in NumPy: torch's
+        threaded conv1d costs milliseconds of thread synchronisation per call on a busy CPU, times hundreds of
+        calls per file."""
+        windows = sliding_window_view(span, self._taps)[:: self._orig]  # [count, taps], a strided view
+        if self._new > 1:
+            windows = np.ascontiguousarray(windows)  # a BLAS matrix product pays for this copy
+        return (windows @ self._kernel_t).reshape(-1)  # [count, new] -> position-major, as torchaudio interleaves
+
+
+class _GrowingArray:
+    """A float32 array filled from the front and grown in place (realloc), not rebuilt from pieces at the end, so
+    that the peak stays near the final size."""
+
+    def __init__(self, capacity: int, *, limit: int | None) -> None:
+        # np.empty: pages a too-high estimate never fills are never touched, so they cost no memory.
+        self._data = np.empty(max(capacity, 1), dtype=np.float32)
+        self._size = 0
+        self._limit = limit  # never grow past this by over-allocating (only by what is really appended)
+
+    def append(self, samples: np.ndarray) -> None:
+        end = self._size + samples.shape[0]
+        if end > self._data.shape[0]:
+            capacity = max(end, self._data.shape[0] * 3 // 2)
+            if self._limit is not None:
+                capacity = max(end, min(capacity, self._limit))
+            self._data.resize(capacity, refcheck=False)  # safe: no view of the buffer outlives a call
+        self._data[self._size : end] = samples
+        self._size = end
+
+    def take(self) -> np.ndarray:
+        """The filled part, C-contiguous and writeable; the object must not be used afterwards."""
+        self._data.resize(self._size, refcheck=False)
+        return self._data
+
+
+def _block_frames(channels: int) -> int:
+    return max(1, _BLOCK_BYTES // (4 * channels))
+
+
+def _check_stream_layout(sample_rate: int, channels: int, name: str) -> None:
+    """Refuse, from the header, channel counts and rates that no real recording has."""
+    if channels > MAX_CHANNELS:
+        raise AudioError(
+            f"'{name}' has {channels} audio channels; at most {MAX_CHANNELS} are supported. "
+            "Down-mix it to fewer channels first."
+        )
+    if sample_rate > MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"'{name}' has a sample rate of {sample_rate} Hz; at most {MAX_SAMPLE_RATE} Hz is supported. "
+            "Convert it to a common rate such as 44100 or 48000 Hz."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # shared steps
-
-
-def _finish(frames: np.ndarray, sample_rate: int, name: str, target_sample_rate: int | None) -> Audio:
-    """Validate decoded frames [T, C], then down-mix and resample them into an Audio."""
-    if frames.shape[0] == 0:
-        raise EmptyAudioError(f"'{name}' contains no samples.")
-    _check_finite(frames, sample_rate, name)
-    waveform = _downmix(frames)  # [T]
-    if target_sample_rate is not None:
-        waveform = resample(waveform, sample_rate, target_sample_rate)  # [T']
-    # Writeable too: torch.from_numpy warns on read-only arrays (FFmpeg output is a read-only buffer view).
-    waveform = np.require(waveform, dtype=np.float32, requirements=["C_CONTIGUOUS", "WRITEABLE"])
-    return Audio(
-        waveform=waveform,
-        sample_rate=target_sample_rate or sample_rate,
-        original_sample_rate=sample_rate,
-        original_channels=int(frames.shape[1]),
-        source=name,
-    )
 
 
 def _downmix(frames: np.ndarray) -> np.ndarray:
@@ -487,17 +757,6 @@ def _to_float32(samples: np.ndarray) -> np.ndarray:
     raise AudioError(
         f"Unsupported audio sample type {samples.dtype}; use int16, int32, int8, uint8 or float samples."
     )
-
-
-def _check_finite(frames: np.ndarray, sample_rate: int, name: str) -> None:
-    bad = ~np.isfinite(frames).all(axis=1)  # [T] True where any channel is NaN or +-inf
-    if bad.any():
-        count = int(bad.sum())
-        first = int(np.argmax(bad))
-        raise NonFiniteAudioError(
-            f"'{name}' contains {count} non-finite sample{'s' if count != 1 else ''} (NaN or infinity); "
-            f"the first is at {_format_duration(first / sample_rate, decimals=3)} (sample {first})."
-        )
 
 
 def _check_duration(duration_s: float, max_duration_s: float) -> None:
@@ -563,15 +822,28 @@ def _check_sample_rate(value: object, *, what: str, error: type[Exception]) -> i
     return int(value)
 
 
-def _short_error(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+def _short_error(exc: Exception, file: object, name: str) -> str:
+    """libsndfile's own words on one line; soundfile's wrapper text around them quotes the full path."""
+    text = (getattr(exc, "error_string", None) or str(exc)).strip()
+    text = text.splitlines()[-1] if text else type(exc).__name__
+    return _hide_path(text, file, name) if isinstance(file, str) else text
 
 
 def _stderr_tail(stderr: bytes, path: str, name: str, max_chars: int = 500) -> str:
     """The end of FFmpeg's error output, with the (possibly temporary) path replaced by the name the user knows."""
-    text = stderr.decode("utf-8", errors="replace").strip().replace(path, name)
+    text = _hide_path(stderr.decode("utf-8", errors="replace").strip(), path, name)
     return (text[-max_chars:] if text else "no error output").replace("\n", " | ")
+
+
+def _hide_path(text: str, path: str, name: str) -> str:
+    """``text`` with the file's path replaced by ``name`` and its folder removed: a message must not show where
+    the server keeps files (for uploads, Gradio's temporary folder)."""
+    for full in dict.fromkeys((path, os.path.abspath(path))):  # as given and absolute, in that order
+        text = text.replace(full, name)
+        folder = os.path.dirname(full)
+        if folder:
+            text = text.replace(folder + os.sep, "")
+    return text
 
 
 def _to_int(value: object) -> int | None:

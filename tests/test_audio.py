@@ -4,7 +4,9 @@ All audio is synthesised into tmp_path at test time. Tests that need FFmpeg are 
 """
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from tests.audio_synth import (
     write_sf,
     write_silent_wav,
 )
+from tests.helpers import PROJECT_ROOT
 
 SR = 48000
 
@@ -62,22 +65,23 @@ def no_ffmpeg(monkeypatch: pytest.MonkeyPatch) -> None:
 def forbid_decoding(monkeypatch: pytest.MonkeyPatch):
     """Call it (after making the test files) to make every full decode fail, proving a check used the header alone.
 
-    soundfile.read and running ``ffmpeg`` fail; ``sf.info`` and ``ffprobe`` keep working.
+    Reading samples with soundfile and starting ``ffmpeg`` fail; ``sf.info`` and ``ffprobe`` keep working.
     """
 
     def refuse(*args, **kwargs):
         raise AssertionError("the audio was decoded, but the check should have happened before decoding")
 
-    real_run = subprocess.run
+    real_popen = subprocess.Popen
 
-    def run_probe_only(cmd, *args, **kwargs):
+    def popen_probe_only(cmd, *args, **kwargs):
         if cmd[0] == "ffmpeg":
             refuse()
-        return real_run(cmd, *args, **kwargs)
+        return real_popen(cmd, *args, **kwargs)
 
     def arm() -> None:
         monkeypatch.setattr(sf, "read", refuse)
-        monkeypatch.setattr(audio_mod.subprocess, "run", run_probe_only)
+        monkeypatch.setattr(sf.SoundFile, "read", refuse)
+        monkeypatch.setattr(audio_mod.subprocess, "Popen", popen_probe_only)  # subprocess.run starts a Popen too
 
     return arm
 
@@ -587,6 +591,205 @@ def test_bad_arguments(tmp_path: Path) -> None:
         load_audio(path, target_sample_rate=0)
     with pytest.raises(TypeError, match="Unsupported audio source"):
         load_audio(12345)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# memory: files are decoded in blocks, down-mixed and resampled as they go (fault 4 of issue 8)
+
+
+# Decodes argv[1] at 48 kHz and prints how far its peak RSS rose above its RSS before the decode, in MiB.
+# argv[2] == "ffmpeg" forces the FFmpeg path.
+_DECODE_IN_CHILD = """
+import json, sys
+import numpy as np
+import torch, torchaudio.transforms  # loaded by the app before any upload: not a decode's cost
+from engine import audio as audio_mod
+from tests.helpers import proc_status_kib, reset_peak_rss
+
+if sys.argv[2] == "ffmpeg":
+    audio_mod._decode_soundfile = lambda *args: (None, "forced")
+audio_mod.load_audio((96000, np.zeros((9600, 8), np.float32)), 48000)  # warm-up: one-off first-use allocations
+reset_peak_rss()
+before = proc_status_kib("VmRSS")
+audio = audio_mod.load_audio(sys.argv[1], 48000)
+print(json.dumps({
+    "growth_mib": (proc_status_kib("VmHWM") - before) / 1024,
+    "layout": [audio.num_samples, audio.sample_rate, audio.original_sample_rate, audio.original_channels],
+    "silent": not audio.waveform.any(),
+}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads a process's peak RSS from Linux /proc")
+@pytest.mark.parametrize("decoder", ["soundfile", "ffmpeg"])
+def test_wide_hires_flac_decodes_within_the_size_of_its_mono_result(tmp_path: Path, decoder: str) -> None:
+    """8 channels x 96 kHz x 5 min of silence: a FLAC of a few hundred KB that once took 2 GB to decode.
+
+    Bound: the peak RSS of the decoding process may rise by the mono float32 result at 48 kHz (5 min x 48 kHz x 4 B
+    = 55 MiB) plus 64 MiB for blocks and buffers. The file as float32 is 879 MiB, 8x the mono result at 96 kHz.
+    """
+    if decoder == "ffmpeg":
+        ensure_ffmpeg()
+    path = tmp_path / "wide.flac"
+    with sf.SoundFile(path, "w", samplerate=96000, channels=8, subtype="PCM_16", format="FLAC") as out:
+        silence = np.zeros((96000 * 10, 8), dtype=np.int16)
+        for _ in range(30):
+            out.write(silence)
+    done = subprocess.run([sys.executable, "-c", _DECODE_IN_CHILD, str(path), decoder],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["layout"] == [300 * SR, SR, 96000, 8] and result["silent"]
+    bound_mib = 300 * SR * 4 / 2**20 + 64
+    assert result["growth_mib"] < bound_mib, f"peak RSS rose by {result['growth_mib']:.0f} MiB (> {bound_mib:.0f})"
+
+
+@pytest.fixture(scope="module")
+def long_multichannel_flac(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """41.7 s of 6-channel noise, PCM_16 FLAC: 12 decode blocks of 174,762 frames, the last one ragged."""
+    ints = np.random.default_rng(7).integers(-30000, 30000, size=(2_000_003, 6), dtype=np.int16)
+    path = write_sf(tmp_path_factory.mktemp("long") / "long.flac", ints, SR, subtype="PCM_16")
+    reference = sf.read(str(path), dtype="float32", always_2d=True)[0].mean(axis=1)  # whole file at once, [T]
+    return path, reference
+
+
+@pytest.mark.parametrize("decoder", ["soundfile", "ffmpeg"])
+def test_block_decoding_equals_a_whole_file_decode(
+    long_multichannel_flac: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch, decoder: str
+) -> None:
+    import torch
+    import torchaudio.functional as taf
+
+    path, reference = long_multichannel_flac
+    if decoder == "ffmpeg":
+        ensure_ffmpeg()
+        monkeypatch.setattr(audio_mod, "_decode_soundfile", lambda *a, **k: (None, "forced"))
+    native = load_audio(path)
+    assert (native.num_samples, native.original_channels, native.sample_rate) == (2_000_003, 6, SR)
+    np.testing.assert_allclose(native.waveform, reference, rtol=0, atol=1e-6)
+    # Resampled block by block, it matches torchaudio resampling the whole mono reference at once.
+    resampled = load_audio(path, target_sample_rate=16000)
+    expected = taf.resample(torch.from_numpy(reference), SR, 16000).numpy()
+    assert resampled.waveform.shape == expected.shape == (666_668,)
+    np.testing.assert_allclose(resampled.waveform, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("header_frames", [0, 1000], ids=["unknown", "understated"])
+def test_header_with_a_wrong_length_still_decodes_in_full(
+    long_multichannel_flac: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch, header_frames: int
+) -> None:
+    """The output is allocated from the header's frame count, which may be missing or wrong (some ogg/mp3): it grows."""
+    path, reference = long_multichannel_flac
+    real_info = sf.info
+
+    def info_with_wrong_length(file):
+        info = real_info(file)
+        info.frames = header_frames
+        return info
+
+    monkeypatch.setattr(sf, "info", info_with_wrong_length)
+    monkeypatch.setattr(audio_mod, "_UNKNOWN_LENGTH_S", 1.0)  # so that an unknown length must grow too
+    audio = load_audio(path)
+    np.testing.assert_allclose(audio.waveform, reference, rtol=0, atol=1e-6)
+    assert audio.waveform.flags.c_contiguous and audio.waveform.flags.writeable
+
+
+def test_non_finite_samples_are_counted_across_blocks(tmp_path: Path) -> None:
+    data = np.zeros((1_200_000, 2), dtype=np.float32)  # 2 channels: 524,288 frames a block, so 3 blocks
+    data[100_000, 0] = np.nan
+    data[[600_000, 1_199_999], 1] = np.inf
+    data[600_000, 0] = -np.inf  # the same frame as an infinity in the other channel: one bad frame
+    path = write_sf(tmp_path / "bad.wav", data, SR, subtype="FLOAT")
+    with pytest.raises(NonFiniteAudioError, match=r"'bad.wav' contains 3 non-finite samples .* \(sample 100000\)\.$"):
+        load_audio(path, target_sample_rate=16000)
+
+
+@pytest.mark.parametrize("decoder", ["soundfile", "ffmpeg"])
+@pytest.mark.parametrize(
+    ("channels", "rate", "match"),
+    [(65, 8000, r"'odd.wav' has 65 audio channels; at most 64"), (1, 400_000, r"400000 Hz; at most 384000 Hz")],
+)
+def test_absurd_channel_counts_and_rates_are_refused_from_the_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forbid_decoding, decoder: str, channels: int, rate: int,
+    match: str,
+) -> None:
+    path = write_sf(tmp_path / "odd.wav", np.zeros((100, channels), dtype=np.int16), rate, subtype="PCM_16")
+    if decoder == "ffmpeg":
+        ensure_ffmpeg()
+        monkeypatch.setattr(audio_mod, "_decode_soundfile", lambda *a, **k: (None, "forced"))
+    forbid_decoding()
+    with pytest.raises(AudioError, match=match) as info:
+        load_audio(path)
+    assert type(info.value) is AudioError
+
+
+def test_rates_without_a_large_common_factor_are_refused_before_decoding(tmp_path: Path, forbid_decoding) -> None:
+    """44101 -> 48000 Hz would need an 8 GiB resampling kernel (the rates are coprime)."""
+    path = write_sf(tmp_path / "odd.wav", sine(1000, 44101, 0.2), 44101, subtype="PCM_16")
+    assert load_audio(path).sample_rate == 44101  # at its own rate it is fine
+    forbid_decoding()
+    with pytest.raises(AudioError, match=r"^'odd.wav' has a sample rate of 44101 Hz, which cannot be resampled to 48"):
+        load_audio(path, target_sample_rate=SR)
+    with pytest.raises(ValueError, match="44101 Hz"):
+        resample(np.zeros(10, dtype=np.float32), 44101, SR)
+
+
+@pytest.mark.parametrize(("orig", "target"), [(96000, SR), (44100, SR), (8000, SR), (44100, 16000), (22050, 16000)])
+def test_resample_matches_torchaudio(orig: int, target: int) -> None:
+    import torch
+    import torchaudio.functional as taf
+
+    x = noise(orig * 3 + 17, seed=3)  # 3 s: many spans of the block-wise kernel product
+    expected = taf.resample(torch.from_numpy(x), orig, target).numpy()
+    got = resample(x, orig, target)
+    assert got.shape == expected.shape and got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    rows = resample(np.stack([x, -x]), orig, target)  # [..., T]: row by row, as torchaudio
+    np.testing.assert_array_equal(rows, np.stack([got, -got]))
+
+
+def test_resampling_does_not_depend_on_how_the_input_is_cut() -> None:
+    """Both decoders feed the resampler blocks of their own sizes; the output must still be the same, bit for bit."""
+    x = noise(SR * 4 + 3, seed=4)
+    whole = resample(x, SR, 16000)
+    resampler = audio_mod._Resampler(SR, 16000, what="x")
+    cuts = np.cumsum(np.random.default_rng(0).integers(1, 40_000, size=200))
+    pieces = [piece for part in np.split(x, cuts[cuts < x.size]) for piece in resampler.push(part)]
+    np.testing.assert_array_equal(np.concatenate([*pieces, *resampler.finish()]), whole)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# error messages name the file, never the folder it sits in (fault 7 of issue 8)
+
+
+_CORRUPT = {
+    "truncated_header.wav": lambda full_wav: full_wav[:30],  # stops inside the fmt chunk
+    "notes.wav": lambda full_wav: b"These are my meeting notes, not audio.\n" * 50,
+    "clip.m4a": lambda full_wav: b"\x00\x00\x00\x18ftypM4A " + bytes(range(256)) * 4,  # MP4 signature over junk
+}
+
+
+@pytest.mark.parametrize("ffmpeg", [True, False], ids=["with-ffmpeg", "without-ffmpeg"])
+@pytest.mark.parametrize("name", sorted(_CORRUPT))
+def test_errors_name_the_file_but_not_the_server_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ffmpeg: bool, name: str
+) -> None:
+    """Uploads sit in Gradio's temporary folder (.../gradio/<hash>/name); the user must see only the name."""
+    if ffmpeg:
+        ensure_ffmpeg()
+    else:
+        monkeypatch.setattr(audio_mod, "ffmpeg_available", lambda: False)
+    folder = tmp_path / "gradio" / "5f0e3c2ab1d94e7f8a6b" / "upload"
+    folder.mkdir(parents=True)
+    full_wav = write_sf(tmp_path / "full.wav", sine(1000, SR, 0.1), SR, subtype="PCM_16").read_bytes()
+    path = folder / name
+    path.write_bytes(_CORRUPT[name](full_wav))
+    with pytest.raises(AudioError) as info:
+        load_audio(path)
+    message = str(info.value)
+    assert f"'{name}'" in message
+    for hidden in (str(tmp_path), "gradio", "5f0e3c2ab1d94e7f8a6b", "upload/"):
+        assert hidden not in message, message
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import resource
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -12,9 +9,9 @@ import pytest
 import torch
 
 from engine.config import DatastoreConfig
-from engine.datastore import CaptionDatastore, read_captions, unique_captions
+from engine.datastore import CaptionDatastore, current_files, read_captions, unique_captions
 from engine.errors import DatastoreError
-from tests.helpers import PROJECT_ROOT, audiocaps_train_source, noise_clip, small_caption_set
+from tests.helpers import audiocaps_train_source, noise_clip, run_module_with_peak_rss, small_caption_set
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +149,11 @@ def test_growing_past_the_exact_size_switches_to_ivf(tiny_clap, captions):
 
 def test_save_load_round_trip(store, tiny_clap, tmp_path):
     store.save(tmp_path / "ds")
-    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [
-        "captions.csv", "embeddings.npy", "index.faiss", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [".lock", "manifest.json", "v-000001"]
+    assert sorted(p.name for p in current_files(tmp_path / "ds").iterdir()) == [
+        "captions.csv", "embeddings.npy", "index.faiss"]
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["data"] == "v-000001" and manifest["format_version"] == 2
     assert manifest["clap_fingerprint"] == tiny_clap.fingerprint and manifest["embedding_dim"] == 32
     assert manifest["size"] == len(store)
     loaded = CaptionDatastore.load(tmp_path / "ds", tiny_clap)
@@ -165,14 +164,15 @@ def test_save_load_round_trip(store, tiny_clap, tmp_path):
     loaded.add(["A brand new caption"], tiny_clap)
     loaded.save(tmp_path / "ds")
     assert CaptionDatastore.load(tmp_path / "ds", tiny_clap).captions[-1] == "A brand new caption"
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [".lock", "manifest.json", "v-000002"]
 
 
 def test_compact_save_halves_the_embeddings_and_rebuilds_the_exact_index(store, tiny_clap, tmp_path):
     store.save(tmp_path / "full")
     store.save(tmp_path / "compact", compact=True)
-    assert not (tmp_path / "compact" / "index.faiss").exists()
-    full_bytes = (tmp_path / "full" / "embeddings.npy").stat().st_size
-    assert (tmp_path / "compact" / "embeddings.npy").stat().st_size < 0.55 * full_bytes
+    assert not (current_files(tmp_path / "compact") / "index.faiss").exists()
+    full_bytes = (current_files(tmp_path / "full") / "embeddings.npy").stat().st_size
+    assert (current_files(tmp_path / "compact") / "embeddings.npy").stat().st_size < 0.55 * full_bytes
     loaded = CaptionDatastore.load(tmp_path / "compact", tiny_clap)
     assert loaded.embeddings.dtype == np.float32 and loaded.captions == store.captions
     assert loaded.caption_sources == store.caption_sources
@@ -182,7 +182,7 @@ def test_compact_save_halves_the_embeddings_and_rebuilds_the_exact_index(store, 
     np.testing.assert_allclose(loaded.search(q, 5).scores, store.search(q, 5).scores, atol=2e-3)
     named = CaptionDatastore.build(store.captions[:50], tiny_clap, source="caps.txt", show_progress=False)
     named.save(tmp_path / "named", compact=True)
-    assert pd.read_csv(tmp_path / "named" / "captions.csv").columns.tolist() == ["caption"]
+    assert pd.read_csv(current_files(tmp_path / "named") / "captions.csv").columns.tolist() == ["caption"]
     reloaded = CaptionDatastore.load(tmp_path / "named", tiny_clap)
     assert reloaded.caption_sources == ["caps.txt"] * 50 and reloaded.captions == named.captions
 
@@ -208,8 +208,9 @@ def test_broken_directories_are_refused(store, tiny_clap, tmp_path):
     with pytest.raises(DatastoreError, match="is not a datastore"):
         CaptionDatastore.load(tmp_path, tiny_clap)
     store.save(tmp_path / "ds")
-    table = pd.read_csv(tmp_path / "ds" / "captions.csv", keep_default_na=False)
-    table.iloc[:-1].to_csv(tmp_path / "ds" / "captions.csv", index=False)
+    files = current_files(tmp_path / "ds")
+    table = pd.read_csv(files / "captions.csv", keep_default_na=False)
+    table.iloc[:-1].to_csv(files / "captions.csv", index=False)
     with pytest.raises(DatastoreError, match="is inconsistent"):
         CaptionDatastore.load(tmp_path / "ds", tiny_clap)
     (tmp_path / "ds" / "manifest.json").write_text("{")
@@ -217,18 +218,85 @@ def test_broken_directories_are_refused(store, tiny_clap, tmp_path):
         CaptionDatastore.load(tmp_path / "ds", tiny_clap)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickle", "nan", "wrong_dim", "missing"])
+def test_corrupt_embeddings_get_a_typed_error_naming_the_file(store, tiny_clap, tmp_path, damage):
+    store.save(tmp_path / "ds")
+    path = current_files(tmp_path / "ds") / "embeddings.npy"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif damage == "pickle":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    elif damage == "nan":
+        np.save(path, np.full_like(store.embeddings, np.nan))
+    elif damage == "wrong_dim":
+        np.save(path, store.embeddings[:, :16].copy())
+    else:
+        path.unlink()
+    with pytest.raises(DatastoreError, match=r"embeddings.npy .*rebuild"):
+        CaptionDatastore.load(tmp_path / "ds", tiny_clap)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other_dim"])
+def test_a_corrupt_index_gets_a_typed_error_naming_the_file(store, tiny_clap, tmp_path, damage):
+    import faiss
+
+    store.save(tmp_path / "ds")
+    path = current_files(tmp_path / "ds") / "index.faiss"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"not an index at all" * 10)
+    else:
+        other = faiss.IndexFlatIP(16)
+        other.add(np.zeros((len(store), 16), dtype=np.float32))
+        faiss.write_index(other, str(path))
+    with pytest.raises(DatastoreError, match=r"index.faiss is not a readable faiss index|is inconsistent"):
+        CaptionDatastore.load(tmp_path / "ds", tiny_clap)
+
+
+def test_leftovers_of_a_killed_save_go_on_the_next_load(store, tiny_clap, tmp_path):
+    store.save(tmp_path / "ds")
+    (tmp_path / "ds" / ".staging-v-000002").mkdir()
+    (tmp_path / "ds" / ".staging-v-000002" / "captions.csv").write_text("caption\nhalf")
+    (tmp_path / "ds" / "v-000003").mkdir()  # renamed but never named by the manifest
+    (tmp_path / "ds" / ".manifest.json.tmp-123").write_text("{")
+    assert CaptionDatastore.load(tmp_path / "ds", tiny_clap).captions == store.captions
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [".lock", "manifest.json", "v-000001"]
+    store.save(tmp_path / "ds")
+    assert CaptionDatastore.load(tmp_path / "ds").manifest.data == "v-000002"
+
+
+def test_a_flat_format_1_store_loads_and_its_next_save_is_versioned(store, tiny_clap, tmp_path):
+    store.save(tmp_path / "ds")
+    files = current_files(tmp_path / "ds")
+    for path in files.iterdir():  # the layout of stores written before versions: files beside the manifest
+        path.rename(tmp_path / "ds" / path.name)
+    files.rmdir()
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    manifest.pop("data")
+    manifest["format_version"] = 1
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = CaptionDatastore.load(tmp_path / "ds", tiny_clap)
+    assert loaded.captions == store.captions
+    loaded.save(tmp_path / "ds")
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [".lock", "manifest.json", "v-000001"]
+    assert CaptionDatastore.load(tmp_path / "ds", tiny_clap).captions == store.captions
+
+
 def test_50k_audiocaps_captions_build_within_bounded_memory(tiny_clap_dir, tmp_path):
     """The whole AudioCaps training split through the command-line tool, in a child process whose peak RSS we read."""
     source = audiocaps_train_source()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = subprocess.run(
-        [sys.executable, "-m", "trainers.build_datastore", "--profile", "tiny", "--clap", str(tiny_clap_dir),
-         "--device", "cpu", "--out", str(tmp_path / "audiocaps"), "--quiet", str(source)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    # The child's own peak (VmHWM), not getrusage: see run_module_with_peak_rss for why that could not fail.
+    done, peak_mib = run_module_with_peak_rss(
+        "trainers.build_datastore",
+        ["--profile", "tiny", "--clap", str(tiny_clap_dir), "--device", "cpu", "--out", str(tmp_path / "audiocaps"),
+         "--quiet", str(source)],
+        scratch=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["captions"] == 45_716  # 49,838 rows, exact duplicates removed
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    assert peak_mb < 3000 or peak_mb == before / 1024, f"peak RSS {peak_mb:.0f} MB"
+    assert peak_mib < 3000, f"peak RSS {peak_mib:.0f} MiB"
     loaded = CaptionDatastore.load(tmp_path / "audiocaps")
     assert len(loaded) == 45_716 and loaded.embeddings.shape == (45_716, 32)
