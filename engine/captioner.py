@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.audio import Audio, Window
-from engine.clap.base import ClapBackend
+from engine.clap.base import ClapBackend, pool_windows
+from engine.clap.checkpoints import failure_reason, model_load_errors, read_safetensors, torch_load_tensors
 from engine.config import AppConfig, CaptionConfig
 from engine.datastore import CaptionDatastore
-from engine.drcap import CheckpointInfo, DrcapModel, PromptLayout, project_onto_support, read_checkpoint
+from engine.drcap import CONFIG_FILE, CheckpointInfo, DrcapModel, PromptLayout, project_onto_support, read_checkpoint
 from engine.errors import DatastoreError, ModelLoadError
 from engine.llm import LoadedLLM, attach_lora, load_llm
 
@@ -52,29 +55,55 @@ class ClipCaptions:
     timings_ms: dict[str, float] = field(default_factory=dict)  # clap, retrieval, projection, generation
 
 
+SUPPORT_FORMATS = ("caption.support must be a datastore folder, a .safetensors file holding one [N, D] tensor, or "
+                   "a torch.save'd [N, D] tensor (DRCap's support .pt)")
+
+
 def load_support(spec: str, datastore: CaptionDatastore | None, clap: ClapBackend) -> Support:
     """"" = the datastore's captions; a datastore folder; or a tensor file ([N, D], e.g. DRCap's support .pt)."""
     if not spec:
         if datastore is None:
             raise DatastoreError("Projection decoding needs a support: configure a datastore or caption.support")
         return Support(datastore.support, datastore.captions, "datastore")
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.is_dir():
         store = CaptionDatastore.load(path, clap)
         return Support(store.support, store.captions, str(path))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        tensors = load_file(str(path))
-        if len(tensors) != 1:
-            raise DatastoreError(f"{path} must hold exactly one [N, D] tensor, found {sorted(tensors)}")
-        matrix = next(iter(tensors.values()))
-    else:
-        matrix = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise DatastoreError(f"The support {path} (caption.support) does not exist. {SUPPORT_FORMATS}.")
+    matrix = _support_matrix(_read_support_file(path), path, clap)
+    return Support(matrix / matrix.norm(dim=1, keepdim=True), None, str(path))
+
+
+def _read_support_file(path: Path) -> object:
+    """The tensor in a support file, read without unpickling any object; an unreadable file is a DatastoreError."""
+    if path.suffix != ".safetensors":
+        return torch_load_tensors(path, hint=SUPPORT_FORMATS + ".", error=DatastoreError)
+    tensors = read_safetensors(path, error=DatastoreError)
+    if len(tensors) != 1:
+        raise DatastoreError(f"{path} must hold exactly one [N, D] tensor, found {sorted(tensors)}")
+    return next(iter(tensors.values()))
+
+
+def _support_matrix(matrix: object, path: Path, clap: ClapBackend) -> torch.Tensor:
+    """``matrix`` as float32 [N, D] after the checks projection needs: a support that is empty, not real-valued, or
+    holds NaN, infinity or a zero row would turn every caption's soft token into NaN or noise, silently."""
+    expected = f"an [N, {clap.embedding_dim}] tensor for {clap.name}"
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[1] != clap.embedding_dim:
         shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
-        raise DatastoreError(f"Support {path} must be an [N, {clap.embedding_dim}] tensor for {clap.name}, got {shape}")
+        raise DatastoreError(f"Support {path} must be {expected}, got {shape}")
+    if not matrix.is_floating_point():
+        raise DatastoreError(f"Support {path} must hold real numbers (a float tensor), got {matrix.dtype}")
+    if matrix.shape[0] == 0:
+        raise DatastoreError(f"Support {path} holds no rows: it must be {expected} with N >= 1")
     matrix = matrix.float()
-    return Support(matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12), None, str(path))
+    if not torch.isfinite(matrix).all():
+        raise DatastoreError(f"Support {path} holds NaN or infinite values; rebuild it from caption embeddings")
+    zero_rows = (matrix.norm(dim=1) == 0).nonzero().flatten().tolist()
+    if zero_rows:
+        raise DatastoreError(f"Support {path} has {len(zero_rows)} all-zero row(s) (first: row {zero_rows[0]}), "
+                             "which have no direction to project onto; rebuild it from caption embeddings")
+    return matrix
 
 
 class Captioner:
@@ -144,15 +173,17 @@ class Captioner:
         timings: dict[str, float] = {}
         with _timer(timings, "clap"):
             embedded = self.clap.embed_windows(list(audios))
-        rows, owners = [], []  # which clip (and window) each embedding row belongs to
-        for i, clip in enumerate(embedded):
+        segments = [merge_windows(e.windows, e.embeddings, self.config.max_window_captions) for e in embedded]
+        rows, owners = [], []  # which clip (and segment) each embedding row belongs to
+        for i, (clip, (windows, vectors)) in enumerate(zip(embedded, segments)):
             rows.append(clip.pooled)
             owners.append((i, None))
-            if len(clip.windows) > 1:
-                rows.extend(clip.embeddings)
-                owners.extend((i, w) for w in range(len(clip.windows)))
+            if len(windows) > 1:
+                rows.extend(vectors)
+                owners.extend((i, w) for w in range(len(windows)))
         results = self.caption_embeddings(torch.stack(rows), timings)
-        clips = [ClipCaptions(clip=None, windows=e.windows, per_window=[], timings_ms=timings) for e in embedded]
+        clips = [ClipCaptions(clip=None, windows=windows, per_window=[], timings_ms=timings)
+                 for windows, _ in segments]
         for (i, window), result in zip(owners, results):
             if window is None:
                 clips[i].clip = result
@@ -178,9 +209,38 @@ class Captioner:
                 f"{len(self.support.embeddings):,} from {self.support.source}; τ={self.temperature:.4g})")
 
 
+def merge_windows(windows: Sequence[Window], embeddings: torch.Tensor, limit: int
+                  ) -> tuple[list[Window], torch.Tensor]:
+    """At most ``limit`` caption segments for a long clip: runs of consecutive windows (as even as possible) merged
+    into one segment each, its embedding the renormalised mean of theirs. Bounds the LLM calls per request (a
+    30-min recording has 359 windows of 10 s); up to ``limit`` windows, each stays its own segment."""
+    if len(windows) <= limit:
+        return list(windows), embeddings
+    groups = np.array_split(np.arange(len(windows)), limit)
+    merged = [Window(j, windows[g[0]].start_sample, windows[g[-1]].end_sample, windows[g[0]].start_s,
+                     windows[g[-1]].end_s) for j, g in enumerate(groups)]
+    return merged, torch.stack([pool_windows(embeddings[torch.from_numpy(g)]) for g in groups])  # [limit, D]
+
+
 def build_model(llm: LoadedLLM, clap: ClapBackend, config: AppConfig, checkpoint: CheckpointInfo | None,
                 trainable: bool, use_peft: bool = True) -> DrcapModel:
     """Mapping network + LLM (+ LoRA) shaped by the checkpoint when there is one, else by the config."""
+    with _checkpoint_errors(checkpoint):
+        return _build_model(llm, clap, config, checkpoint, trainable, use_peft)
+
+
+def _checkpoint_errors(checkpoint: CheckpointInfo | None) -> AbstractContextManager[None]:
+    """Failures while a checkpoint shapes the model name the checkpoint: its tensors may have odd shapes and its
+    drcap_config.json is user-editable (a "layout" or "lora" entry with unknown fields, "clap" that is not an
+    object, target modules the LLM lacks). Without a checkpoint nothing is wrapped: errors are then bugs."""
+    if checkpoint is None:
+        return nullcontext()
+    return model_load_errors(lambda e: f"{checkpoint.path} does not describe a DRCap decoder for this LLM and CLAP "
+                                       f"({failure_reason(e)}); check its weights and {CONFIG_FILE}")
+
+
+def _build_model(llm: LoadedLLM, clap: ClapBackend, config: AppConfig, checkpoint: CheckpointInfo | None,
+                 trainable: bool, use_peft: bool) -> DrcapModel:
     cfg, lora = config.caption, config.llm
     layout = PromptLayout(use_rag=cfg.use_rag, rag_first=cfg.rag_first, instruction=cfg.instruction)
     hidden = cfg.mapping_hidden

@@ -7,9 +7,9 @@ was trained with a softmax, so sigmoid scores are uncalibrated: compare them acr
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from string import Formatter
 
 import numpy as np
 import torch
@@ -36,15 +36,35 @@ def parse_class_names(text: str) -> list[str]:
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:
-    """Templates must each hold exactly one ``{}`` where the class name goes."""
+    """The non-blank templates, stripped; each must hold exactly one ``{}`` where the class name goes."""
     cleaned = [t.strip() for t in templates if t.strip()]
     if not cleaned:
         raise ClassifierInputError("Give at least one prompt template, e.g. 'This is a sound of {}.'")
     for template in cleaned:
-        if len(re.findall(r"\{\}", template)) != 1 or re.search(r"\{[^}]+\}", template):
-            raise ClassifierInputError(f"Template {template!r} must contain exactly one '{{}}' where the class "
-                                       "name goes, and no other braces")
+        _check_template(template)
     return cleaned
+
+
+def _check_template(template: str) -> None:
+    """Accept exactly the templates ``template.format(name)`` (how prompts are built) fills with the class name
+    once: one bare ``{}`` field, no numbered or named fields, format specs or conversions, and no lone brace.
+    ``{{`` and ``}}`` are literal braces, as in ``str.format``. The parse is str.format's own, so a template that
+    passes cannot fail later, when the classifier is built."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in Formatter().parse(template)
+                  if name is not None]
+    except ValueError as e:  # "Single '{' encountered in format string", ...
+        raise ClassifierInputError(f"Template {template!r} has a brace without its pair ({e}): use exactly one "
+                                   "'{}' where the class name goes, and '{{' or '}}' for a literal brace") from e
+    if fields != [("", "", None)]:
+        found = ", ".join(_field_text(*field) for field in fields) or "none"
+        raise ClassifierInputError(f"Template {template!r} must contain exactly one '{{}}' where the class name "
+                                   f"goes (found: {found}); write '{{{{' or '}}}}' for a literal brace")
+
+
+def _field_text(name: str, spec: str, conversion: str | None) -> str:
+    """A replacement field as it was written: '{}', '{0}', '{name!r}', '{:>10}'."""
+    return "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
 
 
 @dataclass

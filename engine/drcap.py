@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from engine.clap.checkpoints import failure_reason, read_json_object, read_safetensors, torch_load_tensors
 from engine.errors import ModelLoadError
 
 IGNORE_INDEX = -100
@@ -300,7 +301,7 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """
     path = Path(path)
     if path.is_dir() and (path / WEIGHTS_FILE).is_file():
-        meta = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+        meta = read_json_object(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
         return CheckpointInfo(path, _load_tensors(path / WEIGHTS_FILE), meta)
     if path.is_dir():
         # DRCap's loader applies the peft adapter first and then model.pt (strict=False) on top, so where both hold
@@ -322,15 +323,11 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+    """A flat state dict from ``.safetensors`` or, without unpickling any object, a ``.pt``/``.bin`` file."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle refusals come as several exception types
-        raise ModelLoadError(f"{path} could not be read as a tensors-only checkpoint ({e}). AudioScribe never "
-                             "unpickles arbitrary objects; save the state dict alone or as safetensors.") from e
+        return read_safetensors(path)
+    weights = torch_load_tensors(path, hint="A DRCap checkpoint is a flat state dict of tensors (DRCap's model.pt) "
+                                            "or our model.safetensors.")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ModelLoadError(f"{path} is not a flat state dict of tensors")
     return dict(weights)
@@ -351,11 +348,15 @@ def _lora_meta(folder: Path) -> dict:
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
         return {}
-    config = json.loads(config_file.read_text())
+    config = read_json_object(config_file)
     targets = config.get("target_modules") or ["q_proj", "v_proj"]
-    return {"lora": {"lora_r": int(config.get("r", 8)), "lora_alpha": int(config.get("lora_alpha", 32)),
-                     "lora_dropout": float(config.get("lora_dropout", 0.05)),
-                     "lora_targets": sorted(targets) if isinstance(targets, list) else [targets]}}
+    try:
+        return {"lora": {"lora_r": int(config.get("r", 8)), "lora_alpha": int(config.get("lora_alpha", 32)),
+                         "lora_dropout": float(config.get("lora_dropout", 0.05)),
+                         "lora_targets": sorted(targets) if isinstance(targets, list) else [targets]}}
+    except (TypeError, ValueError) as e:  # "r": "eight", a list of mixed types, ...
+        raise ModelLoadError(f"{config_file} holds an unusable LoRA setting ({failure_reason(e)}): r and "
+                             "lora_alpha must be integers, lora_dropout a number, target_modules module names") from e
 
 
 def write_checkpoint(directory: str | os.PathLike, model: DrcapModel, meta: dict) -> Path:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from engine.clap.base import resolve_device
+from engine.clap.checkpoints import (check_tokenizer_vocabulary, check_weights_cover_model, failure_reason,
+                                     folder_failure, is_local_path, model_folder_problem, model_load_errors)
 from engine.config import LLMConfig
 from engine.errors import ModelLoadError
 
@@ -57,11 +59,12 @@ def load_llm(config: LLMConfig, cache_dir: str | os.PathLike | None = None) -> L
     if name == TINY_LLAMA_ID:
         name = str(ensure_tiny_llama(Path(cache_dir or tempfile.gettempdir()) / "models"))
     device = resolve_device(config.device)
-    try:
+    if is_local_path(name) and (problem := model_folder_problem(name)):
+        raise ModelLoadError(f"Could not load an LLM from {name!r}: {problem}")
+    with model_load_errors(lambda e: _explain(name, e)):
         model_config = AutoConfig.from_pretrained(name)
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(_explain(name, e)) from e
+    check_tokenizer_vocabulary(tokenizer, repr(name))
     quantization, dtype, notice = _plan(config, device, _approx_params(model_config))
     kwargs: dict = {"dtype": dtype, "low_cpu_mem_usage": True}
     if quantization != "none":
@@ -72,10 +75,9 @@ def load_llm(config: LLMConfig, cache_dir: str | os.PathLike | None = None) -> L
                                bnb_4bit_compute_dtype=dtype)
             if quantization == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(_explain(name, e)) from e
+    with model_load_errors(lambda e: _explain(name, e)):
+        model, loading_info = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, **kwargs)
+        check_weights_cover_model(model, loading_info, name)
     if quantization == "none":
         model = model.to(device)
     model.eval()
@@ -131,9 +133,9 @@ def _approx_params(model_config) -> int:
 
 
 def _explain(name: str, error: Exception) -> str:
-    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
-        return f"Could not load an LLM from {name!r}: {error}"
-    return (f"Could not load LLM {name!r} ({type(error).__name__}: {error}). Without internet, download it once "
+    if is_local_path(name):
+        return f"Could not load an LLM from {name!r}: {folder_failure(name, error)}"
+    return (f"Could not load LLM {name!r} ({failure_reason(error)}). Without internet, download it once "
             f"elsewhere (`hf download {name}`), copy the folder here and set llm.model to it.")
 
 

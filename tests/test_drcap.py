@@ -237,6 +237,25 @@ def test_caption_long_audio_per_window_and_whole_clip(captioner, tiny_clap):
     assert short.per_window == [] and len(short.windows) == 1
 
 
+def test_long_audio_captions_at_most_max_window_captions_segments(captioner, tiny_clap):
+    from engine.audio import Audio
+    from engine.clap.base import pool_windows
+
+    audio = Audio(noise_clip(45.0), 48_000, 48_000, 1, "<array>")  # windows 0-10, 10-20, 20-30, 30-40, 35-45
+    embedded = tiny_clap.embed_windows([audio])[0]
+    assert len(embedded.windows) == 5
+    limit = captioner.config.max_window_captions
+    captioner.config.max_window_captions = 2
+    try:
+        result = captioner.caption(audio)
+    finally:
+        captioner.config.max_window_captions = limit
+    assert [(w.start_s, w.end_s) for w in result.windows] == [(0.0, 30.0), (30.0, 45.0)]  # windows 0-2 and 3-4
+    assert len(result.per_window) == 2
+    merged = pool_windows(embedded.embeddings[3:5])
+    assert result.per_window[1].caption == captioner.caption_embeddings(merged[None])[0].caption
+
+
 def test_batched_generation_equals_one_by_one(captioner, tiny_clap):
     embeddings = tiny_clap.embed_text(["a dog barks", "rain on a tin roof and distant thunder", "a bell"])
     together = [r.caption for r in captioner.caption_embeddings(embeddings)]

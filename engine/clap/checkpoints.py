@@ -14,7 +14,8 @@ import os
 import pickle
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from engine.clap.tiny import UNTRAINED_MARKER
-from engine.errors import ModelLoadError
+from engine.errors import AudioScribeError, ModelLoadError
 
 # Buffers that HF RoBERTa/BERT saved in some transformers versions and not in others (non-persistent since 4.31); a
 # checkpoint carrying them would otherwise fail a strict load ("Unexpected key(s) ... position_ids").
@@ -58,34 +59,84 @@ def read_state_dict(path: str | os.PathLike, *, released_file: str, layout: str)
     ("a DRCap/WavCaps best_model.pt") and ``layout`` ("as WavCaps/DRCap save it") complete the error messages.
     """
     path = Path(path)
-    obj = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path, released_file)
+    obj = read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path, released_file)
     return state_dict_from(obj, path, layout=layout)
 
 
-def _read_safetensors(path: Path) -> object:
+def _read_torch(path: Path, released_file: str) -> object:
+    return torch_load_tensors(path, hint=f"It should be {released_file} or a .safetensors file.",
+                              pickled=_pickled_objects_message)
+
+
+def read_safetensors(path: Path, error: type[AudioScribeError] = ModelLoadError) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file; a damaged or foreign file is ``error`` naming ``path``."""
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise ModelLoadError(f"Could not read the safetensors file {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - SafetensorError for a damaged header, OSError, ...
+        raise error(f"Could not read {path}: it is not a readable safetensors file (damaged, truncated or another "
+                    f"format; {failure_reason(e)})") from e
 
 
-def _read_torch(path: Path, released_file: str) -> object:
-    expected = f"It should be {released_file} or a .safetensors file."
+def torch_load_tensors(path: Path, *, hint: str, error: type[AudioScribeError] = ModelLoadError,
+                       pickled: Callable[[Path, str], str] | None = None) -> object:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, nothing else is unpickled.
+
+    Any failure is ``error`` naming ``path``; ``hint`` (what the file should be) ends the message. A file that holds
+    pickled objects gets ``pickled(path, what torch refused)`` as its message (default: a generic one).
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler names the class it refused ("Unsupported global: GLOBAL x.Y ...");
-        # other unpickling errors mean the file is not a torch checkpoint at all.
-        refused = [line.strip() for line in str(e).splitlines() if "global" in line.lower()]
-        if not refused:
-            raise ModelLoadError(f"Could not read the checkpoint {path} with torch.load: {str(e).strip()[:300]}. "
-                                 f"{expected}") from e
-        raise ModelLoadError(_pickled_objects_message(path, refused[0])) from e
-    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, ...
-        raise ModelLoadError(f"Could not read the checkpoint {path} with torch.load: {type(e).__name__}: {e}. "
-                             f"{expected}") from e
+        refused = _refused_global(e)
+        if refused:
+            raise error((pickled or _generic_pickled_message)(path, refused)) from e
+        # not a pickle torch accepts at all (text, numpy, a plain pickle...): nothing was unpickled
+        raise error(f"Could not read {path}: it is not a tensors-only torch checkpoint (torch.load's weights-only "
+                    f"reader refused it: {unpickler_reason(e)}). {hint}") from e
+    except Exception as e:  # noqa: BLE001 - truncated zip (RuntimeError), empty file (EOFError), random bytes, ...
+        raise error(f"Could not read {path} with torch.load ({failure_reason(e)}). {hint}") from e
+
+
+def _refused_global(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused to import ("GLOBAL module.Class"), or "" for other refusals."""
+    found = re.search(r"GLOBAL\s+([\w.]+)", str(error))
+    return f"it refused to import GLOBAL {found[1]}" if found else ""
+
+
+def unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """The useful part of torch's weights-only error, without its advice to load with ``weights_only=False``
+    (which would run whatever code the file holds: never something to tell a user of a file of unknown origin)."""
+    _, marker, tail = str(error).partition("WeightsUnpickler error:")
+    body = (tail if marker else str(error)).split("Check the documentation")[0]
+    return " ".join(body.split())[:300] or "not a pickle it accepts"
+
+
+def failure_reason(error: BaseException) -> str:
+    """``"Type: message"`` on one line, at most 300 characters; an empty message (EOFError) is explained."""
+    message = " ".join(str(error).split())
+    if not message and isinstance(error, EOFError):
+        message = "the file is empty or ends early"
+    return f"{type(error).__name__}: {message or 'no details'}"[:300]
+
+
+def _generic_pickled_message(path: Path, refused: str) -> str:
+    return (f"{path} holds pickled Python objects besides tensors, and AudioScribe never unpickles arbitrary objects "
+            "(unpickling can run any code the file holds). Save the tensors alone (torch.save of a state dict) or as "
+            f".safetensors. torch.load said: {refused}")
+
+
+def read_json_object(path: Path, error: type[AudioScribeError] = ModelLoadError) -> dict:
+    """The JSON object in ``path``; an unreadable, non-UTF-8 or malformed file, or JSON that is not an object
+    (``{...}``), is ``error`` naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise error(f"Could not read {path} as JSON ({failure_reason(e)})") from e
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object ({{...}}), not a JSON {type(value).__name__}")
+    return value
 
 
 def _pickled_objects_message(path: Path, refused: str) -> str:
@@ -247,18 +298,115 @@ def load_tokenizer(name: str, *, model: str, kind: str):
     """``AutoTokenizer.from_pretrained(name)``; failures say whether the hub was tried and how to get the files."""
     from transformers import AutoTokenizer
 
+    def explain(error: Exception) -> str:
+        if is_local_path(name):
+            where = f"the local folder is unusable: {folder_failure(name, error)}"
+        elif os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+            where = f"HF_HUB_OFFLINE is set, so only the local cache is used; {failure_reason(error)}"
+        else:
+            where = f"the hub could not be reached or the id does not exist; {failure_reason(error)}"
+        return (f"Could not load the {model} text tokenizer {name!r} ({where}). The checkpoint does not carry one: "
+                f"download it once where there is internet (`hf download {name}`) or set clap.tokenizer to a local "
+                f"folder holding {kind}.")
+
+    with model_load_errors(explain):
+        loaded = AutoTokenizer.from_pretrained(name)
+    check_tokenizer_vocabulary(loaded, repr(name))
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers model folders (HF CLAP, the LLM, the demo CLAP's sentence encoder)
+
+
+def is_local_path(name: str) -> bool:
+    """True when ``name`` is meant as a folder on this machine rather than a hub id ("org/model")."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or Path(name).is_absolute()
+
+
+def model_folder_problem(folder: str | os.PathLike) -> str | None:
+    """What makes ``folder`` unusable as a transformers model folder before transformers is asked, or None.
+
+    Without this, a file gets "Repo id must be in the form ..." and a folder without config.json is silently built
+    from a default config (then fails on the first weight that does not fit)."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        return "the folder does not exist"
+    if not path.is_dir():
+        return "it is a file, not a model folder"
+    if not (path / "config.json").is_file():
+        return "the folder has no config.json"
+    return None
+
+
+@contextmanager
+def model_load_errors(explain: Callable[[Exception], str]) -> Iterator[None]:
+    """Turn any failure inside into a :class:`ModelLoadError` whose message is ``explain(error)``.
+
+    transformers, tokenizers, safetensors and torch raise many types for a damaged model folder (OSError,
+    ValueError, TypeError, RuntimeError, SafetensorError, UnpicklingError, ...); none of them may reach the user as
+    a traceback. The project's own typed errors pass through unchanged; the original stays chained for the log.
+    """
     try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        where = ("HF_HUB_OFFLINE is set, so only the local cache is used" if offline
-                 else "the hub could not be reached or the id does not exist")
-        raise ModelLoadError(
-            f"Could not load the {model} text tokenizer {name!r} ({where}; {type(e).__name__}: {e}). The "
-            f"checkpoint does not carry one: download it once where there is internet (`hf download {name}`) or set "
-            f"clap.tokenizer to a local folder holding {kind}.") from e
+        yield
+    except AudioScribeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see above: the types are not documented and change between versions
+        raise ModelLoadError(explain(e)) from e
 
 
-__all__ = ["CHECKPOINT_SUFFIXES", "STALE_BUFFER_SUFFIXES", "checkpoint_file", "config_with", "infer_hf_text_sizes",
-           "load_state_dict_strictly", "load_tokenizer", "read_state_dict", "resolve_tokenizer", "state_dict_from",
-           "tensor_shape", "write_untrained_checkpoint"]
+def folder_failure(folder: str | os.PathLike, error: Exception) -> str:
+    """What went wrong loading a local transformers folder, naming its weight files where they are the cause."""
+    from safetensors import SafetensorError
+
+    path = Path(folder).expanduser()
+    if isinstance(error, pickle.UnpicklingError):
+        files = _file_names(path, (".bin", ".pt", ".pth", ".ckpt")) or "its weights file"
+        return (f"{files} is not a tensors-only checkpoint: torch's weights-only reader refused it "
+                f"({unpickler_reason(error)}), and AudioScribe never unpickles arbitrary objects because that can "
+                "run code. Save the model again with save_pretrained, which writes model.safetensors")
+    if isinstance(error, SafetensorError):
+        files = _file_names(path, (".safetensors",)) or "its .safetensors file"
+        return f"{files} is not a readable safetensors file (damaged or truncated: {error})"
+    return failure_reason(error)
+
+
+def _file_names(folder: Path, suffixes: tuple[str, ...]) -> str:
+    if not folder.is_dir():
+        return ""
+    return ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in suffixes))
+
+
+def check_tokenizer_vocabulary(tokenizer: object, source: str) -> None:
+    """Refuse a tokenizer that knows only its special tokens.
+
+    transformers 5 builds such a tokenizer from a folder whose tokenizer files are missing instead of failing; it
+    maps every text to the same ids, so every caption and class name would get the same embedding."""
+    specials = set(getattr(tokenizer, "all_special_tokens", ()))
+    if len(tokenizer) <= len(specials):
+        raise ModelLoadError(f"The tokenizer of {source} knows only its {len(tokenizer)} special tokens: the folder "
+                             "lacks its tokenizer files (tokenizer.json, or vocab/merges files); copy them beside "
+                             "the model (the tokenizer's save_pretrained writes them)")
+
+
+def check_weights_cover_model(model: nn.Module, loading_info: Mapping[str, object], source: str) -> None:
+    """Refuse a model some of whose parameters were not in the weights file.
+
+    ``from_pretrained`` fills such parameters with random values and only logs a report, so a folder whose weights
+    belong to another model (or a stray ``pytorch_model.bin``) would run as a random model. Buffers (position ids,
+    BatchNorm statistics) are left out: models re-create them, and some checkpoints do not save them.
+    """
+    parameters = {name for name, _ in model.named_parameters()}
+    missing = sorted(str(k) for k in loading_info.get("missing_keys", ()) if str(k) in parameters)
+    if missing:
+        raise ModelLoadError(f"The weights in {source} do not cover the model its config.json describes: "
+                             f"{_describe_keys('missing', missing)}. They would run as random values; the folder "
+                             "must hold the weights that save_pretrained wrote for this config.")
+
+
+__all__ = ["CHECKPOINT_SUFFIXES", "STALE_BUFFER_SUFFIXES", "check_tokenizer_vocabulary", "check_weights_cover_model",
+           "checkpoint_file",
+           "config_with", "failure_reason", "folder_failure", "infer_hf_text_sizes", "is_local_path",
+           "load_state_dict_strictly", "load_tokenizer", "model_folder_problem", "model_load_errors",
+           "read_json_object", "read_safetensors", "read_state_dict", "resolve_tokenizer", "state_dict_from",
+           "tensor_shape", "torch_load_tensors", "unpickler_reason", "write_untrained_checkpoint"]

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from engine.clap.base import ClapBackend, EncoderTextTower, fingerprint_tensors, l2_normalize, resolve_device
+from engine.clap.checkpoints import (check_tokenizer_vocabulary, check_weights_cover_model, failure_reason,
+                                     folder_failure, model_load_errors, read_json_object, read_safetensors)
 from engine.config import AudioConfig
 from engine.errors import ModelLoadError
 
@@ -155,11 +157,14 @@ class SentenceEncoder:
     def __init__(self, folder: Path, device: torch.device, max_tokens: int) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        try:
+        with model_load_errors(lambda e: f"Could not load the sentence encoder from {folder}: "
+                                         f"{folder_failure(folder, e)}"):
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            self.model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"Could not load the sentence encoder from {folder}: {e}") from e
+            model, loading_info = AutoModel.from_pretrained(str(folder), dtype=torch.float32,
+                                                            output_loading_info=True)
+            check_weights_cover_model(model, loading_info, str(folder))
+            check_tokenizer_vocabulary(self.tokenizer, str(folder))
+            self.model = model.to(device).eval()
         self.model.requires_grad_(False)
         self.device, self.max_tokens = device, max_tokens
 
@@ -219,20 +224,18 @@ class DemoClapBackend(ClapBackend):
     def from_folder(cls, folder: str | os.PathLike, *, audio_config: AudioConfig | None = None,
                     device: str = "auto", batch_size: int = 16, text_batch_size: int = 256) -> DemoClapBackend:
         """Load ``demo_clap.json`` + ``model.safetensors`` from ``folder``; the text encoder from its package."""
-        from safetensors.torch import load_file
-
         folder = Path(folder).expanduser()
         cfg = read_demo_config(folder)
         torch_device = resolve_device(device)
-        model = DemoClapModel(cfg)
+        # demo_clap.json is user-editable: sizes of the wrong type or value fail inside torch with a bare TypeError
+        with model_load_errors(lambda e: f"{folder / CONFIG_FILE} describes a model that cannot be built "
+                                         f"({failure_reason(e)})"):
+            model = DemoClapModel(cfg)
         weights_path = folder / WEIGHTS_FILE
         if not weights_path.is_file():
             raise ModelLoadError(f"{folder} has no {WEIGHTS_FILE}: rebuild the demo bundle "
                                  "(python -m trainers.build_demo_bundle)")
-        try:
-            state = load_file(str(weights_path))
-        except Exception as e:  # safetensors raises its own error type for a damaged file
-            raise ModelLoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        state = read_safetensors(weights_path)
         missing, unexpected = _compare_keys(model.state_dict(), state)
         if missing or unexpected:
             raise ModelLoadError(f"{weights_path} does not fit demo_clap.json: missing {missing[:5]}, "
@@ -292,6 +295,9 @@ class DemoClapBackend(ClapBackend):
     def text_tower(self) -> MeanPoolTextTower:
         return MeanPoolTextTower(self.encoder, self.model)
 
+    def modules(self) -> list[nn.Module]:
+        return [self.model, self.encoder.model]
+
     def describe(self) -> str:
         return super().describe() + (f"; knows {len(self.cfg.classes)} sound classes" if self.cfg.classes else "")
 
@@ -304,10 +310,10 @@ def read_demo_config(folder: Path) -> DemoClapConfig:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ModelLoadError(f"{folder} is not a demo CLAP folder (no {CONFIG_FILE})")
+    raw = read_json_object(path)
     try:
-        raw = json.loads(path.read_text())
         return DemoClapConfig(**raw)
-    except (json.JSONDecodeError, TypeError) as e:
+    except TypeError as e:  # unknown or missing fields
         raise ModelLoadError(f"{path} is malformed: {e}") from e
 
 

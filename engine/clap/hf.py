@@ -11,14 +11,20 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.clap.base import ClapBackend, EncoderTextTower, fingerprint_tensors, l2_normalize, resolve_device
+from engine.clap.checkpoints import (check_tokenizer_vocabulary, check_weights_cover_model, folder_failure,
+                                     is_local_path, model_folder_problem, model_load_errors)
 from engine.clap.tiny import UNTRAINED_MARKER
 from engine.config import AudioConfig
 from engine.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import ClapFeatureExtractor, ClapModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +62,8 @@ class HFClapBackend(ClapBackend):
                         fp16: bool = True, batch_size: int = 16, text_batch_size: int = 256,
                         max_text_tokens: int = 77) -> HFClapBackend:
         """Load from a hub id (cached or downloadable) or a local directory written by ``save_pretrained``."""
-        from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
-
         torch_device = resolve_device(device)
-        try:
-            model = ClapModel.from_pretrained(name_or_path, dtype=torch.float32)
-            feature_extractor = ClapFeatureExtractor.from_pretrained(name_or_path)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(_explain_load_failure(name_or_path, e)) from e
+        model, feature_extractor, tokenizer = _load_parts(name_or_path)
         # Fused checkpoints expect 4-channel "fusion" features; unfused ones one channel (see module docstring).
         fused = bool(getattr(model.config.audio_config, "enable_fusion", False))
         feature_extractor.truncation = "fusion" if fused else "rand_trunc"
@@ -114,11 +113,30 @@ class HFClapBackend(ClapBackend):
         return l2_normalize(self.model.text_projection(pooled)).cpu()  # [B, D]
 
 
+def _load_parts(name_or_path: str) -> tuple[ClapModel, ClapFeatureExtractor, PreTrainedTokenizerBase]:
+    """(ClapModel, feature extractor, tokenizer) from a hub id or a local folder; every failure a ModelLoadError."""
+    from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+
+    if is_local_path(name_or_path) and (problem := model_folder_problem(name_or_path)):
+        raise ModelLoadError(_local_failure(name_or_path, problem))
+    with model_load_errors(lambda e: _explain_load_failure(name_or_path, e)):
+        model, loading_info = ClapModel.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True)
+        check_weights_cover_model(model, loading_info, name_or_path)
+        feature_extractor = ClapFeatureExtractor.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    check_tokenizer_vocabulary(tokenizer, repr(name_or_path))
+    return model, feature_extractor, tokenizer
+
+
+def _local_failure(folder: str, problem: str) -> str:
+    return (f"Could not load a CLAP model from {folder!r}: {problem}. The folder must hold what "
+            "ClapModel.save_pretrained and the processor's save_pretrained write (config.json, weights, "
+            "preprocessor_config.json, tokenizer files).")
+
+
 def _explain_load_failure(name_or_path: str, error: Exception) -> str:
-    if Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~")):
-        return (f"Could not load a CLAP model from {name_or_path!r}: {error}. The folder must hold what "
-                "ClapModel.save_pretrained and the processor's save_pretrained write (config.json, weights, "
-                "preprocessor_config.json, tokenizer files).")
+    if is_local_path(name_or_path):
+        return _local_failure(name_or_path, folder_failure(name_or_path, error))
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     hint = ("HF_HUB_OFFLINE is set, so only the local cache is used"
             if offline else "the hub could not be reached or the id does not exist")
