@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -30,8 +31,8 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except FileNotFoundError as e:
-            raise gr.Error(f"File not found: {e.filename or e}") from e
+        except FileNotFoundError as e:  # the file's name only: a server path means nothing to a browser user
+            raise gr.Error(f"File not found: {Path(e.filename).name if e.filename else 'the upload'}") from e
         except AudioScribeError as e:
             raise gr.Error(str(e)) from e
     return wrapper
@@ -57,6 +58,17 @@ def describe_audio(audio: Audio) -> str:
         conversion.append(f"resampled {audio.original_sample_rate} Hz -> {audio.sample_rate} Hz")
     done = "; ".join(conversion) if conversion else "no conversion needed"
     return f"**{audio.source}**: {audio.duration_s:.2f} s ({done})"
+
+
+def _window_caption(captions, window) -> str:
+    """The generated caption covering ``window``: its own, that of the merged segment holding it (long audio:
+    caption.max_window_captions), or the whole clip's when the clip has one window."""
+    if captions is None:
+        return ""
+    if not captions.per_window:
+        return captions.clip.caption
+    segment = next(i for i, s in enumerate(captions.windows) if s.start_s <= window.start_s and window.end_s <= s.end_s)
+    return captions.per_window[segment].caption
 
 
 class Handlers:
@@ -93,8 +105,7 @@ class Handlers:
         clip = pd.DataFrame(top_caption_rows(found.clip), columns=CAPTION_COLUMNS)
         rows = []
         for i, w in enumerate(found.windows):
-            generated = captions.per_window[i].caption if captions and captions.per_window else (
-                captions.clip.caption if captions else "")
+            generated = _window_caption(captions, w)
             rows.append((w.index + 1, round(w.start_s, 2), round(w.end_s, 2), generated,
                          found.per_window.captions[i][0], round(float(found.per_window.scores[i][0]), 4)))
         windows = pd.DataFrame(rows, columns=WINDOW_DESCRIBE_COLUMNS)

@@ -66,7 +66,8 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
     """The app for one loaded engine (shared by all users; per-user data lives in gr.State)."""
     handlers = Handlers(service)
     cfg = service.config
-    with gr.Blocks(title="AudioScribe") as demo:
+    ttl = cfg.server.upload_ttl_s  # Gradio's upload cache: files older than ttl go, checked hourly (or every ttl)
+    with gr.Blocks(title="AudioScribe", delete_cache=(min(3600, ttl), ttl)) as demo:
         gr.Markdown(header_markdown(service))
         parts = untrained_parts(service)
         if parts:

@@ -69,6 +69,7 @@ class DatastoreConfig:
     ivf_nprobe: int = 32  # IVF cells visited per query: higher is slower and closer to exact
     chunk_size: int = 2048  # captions embedded per chunk while building
     top_k: int = 5  # captions shown per query
+    max_caption_file_mb: float = 512.0  # larger caption files are refused before reading (AudioCaps is 5 MB)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class PromptTuningConfig:
     min_texts_per_class: int = 16
     max_texts_per_class: int = 128
     logit_scale_max: float = 100.0  # AFPT clamps exp(logit_scale) to at most 100
+    max_classes: int = 50  # more class names are refused: each step encodes every class twice (cost ~ C^2)
 
     def __post_init__(self) -> None:
         _check_preset(self.preset)  # an unknown name fails here, not silently later
@@ -195,6 +197,7 @@ class CaptionConfig:
     max_new_tokens: int = 200
     repetition_penalty: float = 1.0
     batch_size: int = 4
+    max_window_captions: int = 30  # long audio: at most this many per-window captions; more windows are merged
 
 
 @dataclass
@@ -205,6 +208,7 @@ class ServerConfig:
     port: int = 0  # 0 = Gradio's default: $GRADIO_SERVER_PORT or 7860
     share: bool = False
     max_upload_mb: int = 500
+    upload_ttl_s: int = 86_400  # uploads in Gradio's cache are deleted after this many seconds (checked hourly)
 
 
 @dataclass
@@ -392,14 +396,18 @@ def _validate(config: AppConfig) -> None:
     if a.last_window not in WINDOW_POLICIES:
         raise ConfigError(f"audio.last_window must be one of {', '.join(WINDOW_POLICIES)}, got {a.last_window!r}")
     for name, value in (("audio.window_s", a.window_s), ("audio.hop_s", a.hop_s),
-                        ("audio.max_duration_s", a.max_duration_s)):
+                        ("audio.max_duration_s", a.max_duration_s),
+                        ("datastore.max_caption_file_mb", config.datastore.max_caption_file_mb)):
         if not value > 0:
             raise ConfigError(f"{name} must be positive, got {value}")
     for name, value in (("clap.batch_size", config.clap.batch_size),
                         ("clap.text_batch_size", config.clap.text_batch_size),
                         ("datastore.chunk_size", config.datastore.chunk_size),
                         ("datastore.top_k", config.datastore.top_k),
-                        ("classify.max_classes", config.classify.max_classes)):
+                        ("classify.max_classes", config.classify.max_classes),
+                        ("tuning.max_classes", config.tuning.max_classes),
+                        ("caption.max_window_captions", config.caption.max_window_captions),
+                        ("server.upload_ttl_s", config.server.upload_ttl_s)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if config.llm.quantization not in QUANTIZATIONS:

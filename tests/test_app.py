@@ -128,6 +128,17 @@ def test_bad_template_and_empty_clip_messages(client, tmp_path):
         client.predict(handle_file(str(ok)), "dog", "no slot here", False, 0.5, api_name="/classify")
 
 
+def test_errors_name_the_upload_not_its_server_path_and_templates_fail_early(client, tmp_path, wav):
+    truncated = tmp_path / "truncated_header.wav"
+    truncated.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt ")  # a header cut off after 16 bytes
+    with pytest.raises(AppError) as caught:
+        client.predict(handle_file(str(truncated)), 3, api_name="/retrieve")
+    message = str(caught.value)
+    assert "'truncated_header.wav'" in message and "/" not in message.replace("/retrieve", "")
+    with pytest.raises(AppError, match=r"Template 'This is \{\} \{' has a brace without its pair"):
+        client.predict(handle_file(wav), "dog", "This is {} {", False, 0.5, api_name="/classify")
+
+
 def test_trained_weights_get_no_banner(service):
     import copy
 
