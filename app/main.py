@@ -37,7 +37,8 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
 
 
 def create_demo(config: AppConfig) -> gr.Blocks:
-    return build_demo(AudioScribe.from_config(config))
+    # A datastore that must first be built is built in the background: the page comes up at once and says so.
+    return build_demo(AudioScribe.from_config(config, background=True))
 
 
 def launch_kwargs(config: AppConfig) -> dict:

@@ -39,6 +39,19 @@ class Support:
 
 
 @dataclass
+class Domain:
+    """Captions of one domain: a datastore that serves retrieval and, as DRCap adapts to a domain, the projection
+    support (its caption embeddings). A new domain needs only captions; a session may hold its own."""
+
+    name: str
+    datastore: CaptionDatastore
+
+    @property
+    def support(self) -> Support:
+        return Support(self.datastore.support, self.datastore.captions, f"domain {self.name!r}")
+
+
+@dataclass
 class CaptionResult:
     caption: str
     retrieved: list[tuple[str, float]]  # captions put in the prompt, with their cosine to the audio
@@ -140,19 +153,24 @@ class Captioner:
 
     # --- captioning ------------------------------------------------------------------------------------------------
 
-    def caption_embeddings(self, audio_embeddings: torch.Tensor, timings: dict[str, float] | None = None
+    def caption_embeddings(self, audio_embeddings: torch.Tensor, timings: dict[str, float] | None = None,
+                           domain: Domain | None = None, settings: CaptionConfig | None = None
                            ) -> list[CaptionResult]:
-        """[B, D] unit-norm CLAP audio embeddings -> one caption each (batched by caption.batch_size)."""
-        cfg = self.config
+        """[B, D] unit-norm CLAP audio embeddings -> one caption each (batched by caption.batch_size).
+
+        ``domain`` (a session's own captions) replaces the datastore and the support for this call only, and
+        ``settings`` the generation settings: nothing shared is changed, so sessions never see each other's."""
+        cfg = settings or self.config
+        datastore, support = (domain.datastore, domain.support) if domain else (self.datastore, self.support)
         timings = timings if timings is not None else {}
         results: list[CaptionResult] = []
         for start in range(0, len(audio_embeddings), cfg.batch_size):
             chunk = audio_embeddings[start:start + cfg.batch_size]
             with _timer(timings, "retrieval"):
-                retrieved = self._retrieve(chunk)
+                retrieved = self._retrieve(chunk, datastore, cfg.rag_k)
             with _timer(timings, "projection"):
                 if cfg.projection:
-                    projected, weights = project_onto_support(chunk, self.support.embeddings, self.temperature,
+                    projected, weights = project_onto_support(chunk, support.embeddings, self.temperature,
                                                               cfg.renormalize)
                 else:
                     projected, weights = chunk.float(), None
@@ -161,19 +179,22 @@ class Captioner:
                                             num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                                             repetition_penalty=cfg.repetition_penalty)
             for row, text in enumerate(texts):
-                top = self._top_support(weights[row]) if weights is not None else []
+                top = _top_support(support, weights[row]) if weights is not None else []
                 results.append(CaptionResult(caption=text, retrieved=retrieved[row], support_top=top))
         return results
 
-    def caption(self, audio: Audio) -> ClipCaptions:
-        return self.caption_clips([audio])[0]
+    def caption(self, audio: Audio, domain: Domain | None = None, settings: CaptionConfig | None = None
+                ) -> ClipCaptions:
+        return self.caption_clips([audio], domain, settings)[0]
 
-    def caption_clips(self, audios: Sequence[Audio]) -> list[ClipCaptions]:
+    def caption_clips(self, audios: Sequence[Audio], domain: Domain | None = None,
+                      settings: CaptionConfig | None = None) -> list[ClipCaptions]:
         """Captions for whole clips and, for clips with several windows, each window; one batched pass."""
+        cfg = settings or self.config
         timings: dict[str, float] = {}
         with _timer(timings, "clap"):
             embedded = self.clap.embed_windows(list(audios))
-        segments = [merge_windows(e.windows, e.embeddings, self.config.max_window_captions) for e in embedded]
+        segments = [merge_windows(e.windows, e.embeddings, cfg.max_window_captions) for e in embedded]
         rows, owners = [], []  # which clip (and segment) each embedding row belongs to
         for i, (clip, (windows, vectors)) in enumerate(zip(embedded, segments)):
             rows.append(clip.pooled)
@@ -181,7 +202,7 @@ class Captioner:
             if len(windows) > 1:
                 rows.extend(vectors)
                 owners.extend((i, w) for w in range(len(windows)))
-        results = self.caption_embeddings(torch.stack(rows), timings)
+        results = self.caption_embeddings(torch.stack(rows), timings, domain, settings)
         clips = [ClipCaptions(clip=None, windows=windows, per_window=[], timings_ms=timings)
                  for windows, _ in segments]
         for (i, window), result in zip(owners, results):
@@ -191,22 +212,25 @@ class Captioner:
                 clips[i].per_window.append(result)
         return clips
 
-    def _retrieve(self, audio_embeddings: torch.Tensor) -> list[list[tuple[str, float]]]:
+    def _retrieve(self, audio_embeddings: torch.Tensor, datastore: CaptionDatastore | None, k: int
+                  ) -> list[list[tuple[str, float]]]:
         layout = self.model.layout
-        if not (layout.rag_first or layout.use_rag) or self.datastore is None:
+        if not (layout.rag_first or layout.use_rag) or datastore is None:
             return [[] for _ in range(len(audio_embeddings))]
-        found = self.datastore.search(audio_embeddings, self.config.rag_k)
+        found = datastore.search(audio_embeddings, k)
         return [[(c, float(s)) for c, s in zip(caps, scores)] for caps, scores in zip(found.captions, found.scores)]
-
-    def _top_support(self, weights: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
-        values, indices = weights.topk(min(k, len(weights)))
-        names = self.support.captions
-        return [(names[i] if names else f"#{i}", float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
     def describe(self) -> str:
         state = "trained" if self.trained else "UNTRAINED mapping network"
         return (f"DRCap ({state}; LLM {self.llm.describe()}; layout {self.model.layout.name}; support "
                 f"{len(self.support.embeddings):,} from {self.support.source}; τ={self.temperature:.4g})")
+
+
+def _top_support(support: Support, weights: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` support captions that weighed most in one projection, with their weights."""
+    values, indices = weights.topk(min(k, len(weights)))
+    names = support.captions
+    return [(names[i] if names else f"#{i}", float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
 
 def merge_windows(windows: Sequence[Window], embeddings: torch.Tensor, limit: int

@@ -56,3 +56,7 @@ class DatastoreError(AudioScribeError, ValueError):
 
 class ClassifierInputError(AudioScribeError, ValueError):
     """Class names or prompt templates are unusable (empty, too many, malformed template)."""
+
+
+class NotReadyError(AudioScribeError, RuntimeError):
+    """What the request needs is still loading in the background (e.g. the datastore is being built); try again."""

@@ -9,19 +9,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 
 from engine.audio import Audio, AudioSource, Window, load_audio
-from engine.captioner import Captioner, ClipCaptions
+from engine.captioner import Captioner, ClipCaptions, Domain
 from engine.clap import ClapBackend, create_clap
 from engine.clap.base import serving_state_ok
 from engine.classifier import Classification, ZeroShotClassifier, build_zero_shot_classifier, classify_audio
-from engine.config import AppConfig
+from engine.config import AppConfig, CaptionConfig
 from engine.datastore import CaptionDatastore, SearchResult, is_datastore
-from engine.errors import DatastoreError, ModelLoadError
+from engine.datastore import ProgressCallback as DatastoreProgress
+from engine.errors import ClassifierInputError, DatastoreError, ModelLoadError, NotReadyError
 from engine.prompt_tuning import (
     ProgressCallback,
     PromptedClassifier,
@@ -43,6 +46,20 @@ class Retrieval:
     per_window: SearchResult  # one query per window
 
 
+@dataclass(frozen=True)
+class Readiness:
+    """What is still loading in the background, for a status line: state building | ready | failed."""
+
+    state: str = "ready"
+    message: str = ""
+    done: int = 0  # captions embedded so far (while building the datastore)
+    total: int = 0
+
+    def describe(self) -> str:
+        counts = f" ({self.done:,} of {self.total:,} captions embedded)" if self.total else ""
+        return f"{self.message}{counts}"
+
+
 class AudioScribe:
     """CLAP + caption datastore + config."""
 
@@ -52,15 +69,65 @@ class AudioScribe:
         self.clap = clap
         self.datastore = datastore
         self.captioner = captioner
+        self.readiness = Readiness()
+        self._loader: threading.Thread | None = None
         self._classifiers: dict[str, PromptedClassifier] = {}  # prompt-set content hash -> class embeddings
 
     @classmethod
-    def from_config(cls, config: AppConfig, show_progress: bool = True) -> AudioScribe:
-        """Load the configured CLAP, open (or build once and cache) the datastore, then the captioner if enabled."""
+    def from_config(cls, config: AppConfig, show_progress: bool = True, background: bool = False) -> AudioScribe:
+        """Load the configured CLAP, open (or build once and cache) the datastore, then the captioner if enabled.
+
+        With ``background``, a datastore that must first be built (minutes to an hour for a large CLAP on a CPU) is
+        built in a thread after this returns, and the captioner loaded after it: an app can serve its page at once
+        and say what is still loading (:attr:`readiness`); requests that need them raise NotReadyError meanwhile.
+        """
         clap = create_clap(config)
+        if background and datastore_build_needed(config, clap):
+            scribe = cls(config, clap, None, None)
+            scribe._load_in_background()
+            return scribe
         datastore = open_datastore(config, clap, show_progress=show_progress)
         captioner = Captioner.from_config(config, clap, datastore) if config.caption.enabled else None
         return cls(config, clap, datastore, captioner)
+
+    def _load_in_background(self) -> None:
+        self.readiness = Readiness("building", "Building the caption datastore (once; later starts load it)")
+        self._loader = threading.Thread(target=self._finish_loading, name="audioscribe-datastore", daemon=True)
+        self._loader.start()
+
+    def _finish_loading(self) -> None:
+        def progress(done: int, total: int) -> None:
+            self.readiness = replace(self.readiness, done=done, total=total)
+
+        try:
+            datastore = open_datastore(self.config, self.clap, show_progress=False, progress=progress)
+            self.datastore = datastore
+            if self.config.caption.enabled:
+                self.readiness = Readiness("building", "Loading the captioner")
+                self.captioner = Captioner.from_config(self.config, self.clap, datastore)
+            self.readiness = Readiness()
+        except Exception as e:  # noqa: BLE001 - a failure in the thread must reach the page, not only the log
+            log.exception("Background loading failed")
+            self.readiness = Readiness("failed", f"Loading failed: {e}")
+
+    def wait_until_ready(self, timeout_s: float | None = None) -> Readiness:
+        """Block until background loading has finished (scripts and tests); returns the final readiness."""
+        if self._loader is not None:
+            self._loader.join(timeout_s)
+        return self.readiness
+
+    def _store(self, domain: Domain | None = None) -> CaptionDatastore:
+        """The datastore a request uses: the session's domain, else the shared one (when it is ready)."""
+        if domain is not None:
+            return domain.datastore
+        if self.datastore is not None:
+            return self.datastore
+        if self.readiness.state == "building":
+            raise NotReadyError(f"The caption datastore is not ready yet: {self.readiness.describe()}. Try again "
+                                "in a minute; classification without retrieval works meanwhile.")
+        if self.readiness.state == "failed":
+            raise DatastoreError(self.readiness.message)
+        raise DatastoreError("No caption datastore is configured (datastore.path / datastore.sources)")
 
     # --- operations --------------------------------------------------------------------------------------------------
 
@@ -68,55 +135,64 @@ class AudioScribe:
         """Decode any supported input to mono float32 at the CLAP's sample rate, within the duration limit."""
         return load_audio(source, self.clap.sample_rate, max_duration_s=self.config.audio.max_duration_s)
 
-    def retrieve(self, audio: Audio, k: int | None = None) -> Retrieval:
+    def retrieve(self, audio: Audio, k: int | None = None, domain: Domain | None = None) -> Retrieval:
         """Top-k datastore captions for the clip and for each of its windows."""
-        if self.datastore is None:
-            raise DatastoreError("No caption datastore is configured (datastore.path / datastore.sources)")
+        store = self._store(domain)
         embedded = self.clap.embed_windows([audio])[0]
         k = k or self.config.datastore.top_k
-        return Retrieval(clip=self.datastore.search(embedded.pooled.unsqueeze(0), k), windows=embedded.windows,
-                         per_window=self.datastore.search(embedded.embeddings, k))
+        return Retrieval(clip=store.search(embedded.pooled.unsqueeze(0), k), windows=embedded.windows,
+                         per_window=store.search(embedded.embeddings, k))
 
-    def caption(self, audio: Audio) -> ClipCaptions:
-        """DRCap captions for the clip (and per window for long clips)."""
+    def caption(self, audio: Audio, domain: Domain | None = None, settings: CaptionConfig | None = None
+                ) -> ClipCaptions:
+        """DRCap captions for the clip (and per window for long clips); ``domain`` and ``settings`` apply to this
+        request only."""
         if self.captioner is None:
+            if self.config.caption.enabled and self.readiness.state == "building":
+                raise NotReadyError(f"The captioner is not ready yet: {self.readiness.describe()}")
             raise ModelLoadError("Captioning is off in this profile (caption.enabled = false)")
-        return self.captioner.caption(audio)
+        return self.captioner.caption(audio, domain, settings)
 
-    def classifier(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> ZeroShotClassifier:
+    def classifier(self, class_names: Sequence[str], templates: Sequence[str] | None = None,
+                   domain: Domain | None = None) -> ZeroShotClassifier:
         cfg = self.config.classify
-        support = self.datastore.support if cfg.prompt_projection and self.datastore is not None else None
+        store = domain.datastore if domain else self.datastore
+        support = store.support if cfg.prompt_projection and store is not None else None
         return build_zero_shot_classifier(self.clap, class_names, templates or cfg.templates,
                                           max_classes=cfg.max_classes, support=support,
                                           support_temperature=cfg.prompt_temperature)
 
     def classify(self, audio: Audio, class_names: Sequence[str], templates: Sequence[str] | None = None, *,
-                 multi_label: bool | None = None, threshold: float | None = None) -> Classification:
+                 multi_label: bool | None = None, threshold: float | None = None,
+                 domain: Domain | None = None) -> Classification:
         cfg = self.config.classify
-        return classify_audio(self.clap, self.classifier(class_names, templates), audio,
+        return classify_audio(self.clap, self.classifier(class_names, templates, domain), audio,
                               multi_label=cfg.multi_label if multi_label is None else multi_label,
                               threshold=cfg.threshold if threshold is None else threshold)
 
-    def select_tuning_texts(self, class_names: Sequence[str], descriptions: dict[str, list[str]] | None = None):
+    def select_tuning_texts(self, class_names: Sequence[str], descriptions: dict[str, list[str]] | None = None,
+                            domain: Domain | None = None):
         """Captions from the datastore that mention each class (topped up by CLAP similarity): the training texts."""
         from engine.text_selection import select_texts
 
-        if self.datastore is None:
-            raise DatastoreError("Prompt tuning takes its training captions from the datastore; none is configured")
+        store = self._store(domain)
         cfg = self.config.tuning
-        return select_texts(list(class_names), self.datastore.captions, clap=self.clap,
-                            caption_embeddings=self.datastore.embeddings, min_per_class=cfg.min_texts_per_class,
+        return select_texts(list(class_names), store.captions, clap=self.clap,
+                            caption_embeddings=store.embeddings, min_per_class=cfg.min_texts_per_class,
                             max_per_class=cfg.max_texts_per_class, descriptions=descriptions,
                             templates=tuple(self.config.classify.templates), seed=cfg.seed)
 
     def tune_prompts(self, class_names: Sequence[str], *, multi_label: bool | None = None,
                      descriptions: dict[str, list[str]] | None = None, progress: ProgressCallback | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> TunedPrompts:
+                     should_stop: Callable[[], bool] | None = None, domain: Domain | None = None) -> TunedPrompts:
         """Audio-free prompt tuning for ``class_names`` on datastore captions. Returns new prompts; the caller keeps
         them (per user), nothing is stored here."""
         config = replace(self.config.tuning, multi_label=self.config.tuning.multi_label if multi_label is None
                          else multi_label)
-        selection = self.select_tuning_texts(class_names, descriptions)
+        if len(class_names) > config.max_classes:  # refused before selecting texts, which embeds every class
+            raise ClassifierInputError(f"{len(class_names)} class names to tune; the limit is {config.max_classes} "
+                                       "(tuning.max_classes)")
+        selection = self.select_tuning_texts(class_names, descriptions, domain)
         data = training_texts(selection, config.multi_label)
         prompts = tune(self.clap, list(class_names), data, config, progress=progress, should_stop=should_stop)
         prompts.report["selection"] = selection.format_report()
@@ -140,6 +216,34 @@ class AudioScribe:
         self._classifiers[key] = classifier
         return classifier
 
+    # --- domains: a session's own captions -------------------------------------------------------------------------
+
+    def build_domain(self, name: str, captions: Sequence[str], progress: DatastoreProgress | None = None) -> Domain:
+        """A domain from captions alone (DRCap's adaptation): their datastore, which is also the projection support.
+        It belongs to the caller (a session) until saved with :meth:`save_domain`."""
+        name = check_domain_name(name)
+        store = CaptionDatastore.build(captions, self.clap, self.config.datastore, source=name, show_progress=False,
+                                       progress=progress)
+        return Domain(name, store)
+
+    def save_domain(self, domain: Domain) -> Path:
+        """Save a domain under its name for every session (atomically: a new version of its folder)."""
+        return domain.datastore.save(self._domains_dir() / check_domain_name(domain.name))
+
+    def domain_names(self) -> list[str]:
+        """Saved domains, by name."""
+        root = self._domains_dir()
+        return sorted(p.name for p in root.iterdir() if is_datastore(p)) if root.is_dir() else []
+
+    def load_domain(self, name: str) -> Domain:
+        folder = self._domains_dir() / check_domain_name(name)
+        if not is_datastore(folder):
+            raise DatastoreError(f"No saved domain is called {name!r}")
+        return Domain(name, CaptionDatastore.load(folder, self.clap, self.config.datastore))
+
+    def _domains_dir(self) -> Path:
+        return self.config.resolved_cache_dir() / "domains" / self.clap.fingerprint
+
     def status(self) -> dict[str, object]:
         """What is loaded, for logs and the app's header."""
         store = self.datastore
@@ -155,10 +259,31 @@ class AudioScribe:
             "captioner": self.captioner.describe() if self.captioner else "off",
             "captioner_untrained": bool(self.captioner and self.captioner.is_untrained),
             "llm_notice": self.captioner.llm.notice if self.captioner else "",
+            "readiness": self.readiness.state,
+            "readiness_message": self.readiness.describe(),
         }
 
 
-def open_datastore(config: AppConfig, clap: ClapBackend, show_progress: bool = True) -> CaptionDatastore | None:
+def check_domain_name(name: str) -> str:
+    """A domain name is also a folder name: letters, digits, spaces, '-', '_' and '.', 1-64 characters."""
+    cleaned = " ".join((name or "").split())
+    if not re.fullmatch(r"[\w][\w .-]{0,63}", cleaned) or cleaned.endswith("."):
+        raise DatastoreError(f"{name!r} cannot name a domain: use 1-64 letters, digits, spaces, '-', '_' or '.'")
+    return cleaned
+
+
+def datastore_build_needed(config: AppConfig, clap: ClapBackend) -> bool:
+    """True when opening the configured datastore means embedding its captions first (not yet built or cached)."""
+    ds = config.datastore
+    if ds.path and is_datastore(ds.path):
+        return False
+    if not ds.sources:
+        return False
+    return not is_datastore(Path(ds.path) if ds.path else _cache_path(config, clap))
+
+
+def open_datastore(config: AppConfig, clap: ClapBackend, show_progress: bool = True,
+                   progress: DatastoreProgress | None = None) -> CaptionDatastore | None:
     """The datastore the config names.
 
     ``datastore.path`` set and present: load it (refused if another CLAP built it). Set but absent: build it from
@@ -176,7 +301,7 @@ def open_datastore(config: AppConfig, clap: ClapBackend, show_progress: bool = T
     if is_datastore(target):
         return CaptionDatastore.load(target, clap, ds)
     log.info("Building the caption datastore from %s into %s (once)", ", ".join(ds.sources), target)
-    store = CaptionDatastore.from_files(ds.sources, clap, ds, show_progress=show_progress)
+    store = CaptionDatastore.from_files(ds.sources, clap, ds, show_progress=show_progress, progress=progress)
     store.save(target)
     return store
 
@@ -196,4 +321,5 @@ def top_caption_rows(result: SearchResult, row: int = 0) -> list[tuple[int, str,
             for rank, (caption, score) in enumerate(zip(result.captions[row], result.scores[row]))]
 
 
-__all__ = ["AudioScribe", "Retrieval", "open_datastore", "top_caption_rows"]
+__all__ = ["AudioScribe", "Domain", "Readiness", "Retrieval", "check_domain_name", "datastore_build_needed",
+           "open_datastore", "top_caption_rows"]

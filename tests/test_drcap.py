@@ -256,6 +256,25 @@ def test_long_audio_captions_at_most_max_window_captions_segments(captioner, tin
     assert result.per_window[1].caption == captioner.caption_embeddings(merged[None])[0].caption
 
 
+def test_a_domain_and_settings_apply_to_one_request_only(captioner, tiny_clap):
+    from dataclasses import replace
+
+    from engine.audio import Audio
+    from engine.captioner import Domain
+
+    domain_captions = ["A violin plays a slow melody", "A cello hums", "Piano chords ring out", "A harp is plucked"]
+    domain = Domain("strings", CaptionDatastore.build(domain_captions, tiny_clap, show_progress=False))
+    audio = Audio(noise_clip(4.0), 48_000, 48_000, 1, "<array>")
+    shared = captioner.caption(audio)
+    adapted = captioner.caption(audio, domain=domain, settings=replace(captioner.config, max_new_tokens=2))
+    assert {c for c, _ in adapted.clip.retrieved} <= set(domain_captions)
+    assert {c for c, _ in adapted.clip.support_top} <= set(domain_captions)
+    assert not {c for c, _ in shared.clip.support_top} & set(domain_captions)
+    assert len(captioner.llm.tokenizer(adapted.clip.caption, add_special_tokens=False)["input_ids"]) <= 2
+    assert captioner.caption(audio).clip.caption == shared.clip.caption  # nothing shared was changed
+    assert captioner.support.source == "datastore" and captioner.config.max_new_tokens == 6
+
+
 def test_batched_generation_equals_one_by_one(captioner, tiny_clap):
     embeddings = tiny_clap.embed_text(["a dog barks", "rain on a tin roof and distant thunder", "a bell"])
     together = [r.caption for r in captioner.caption_embeddings(embeddings)]

@@ -89,3 +89,67 @@ def test_duration_limit_comes_from_the_config(tmp_path, tiny_clap_dir, caption_f
     service = AudioScribe.from_config(config, show_progress=False)
     with pytest.raises(AudioTooLongError):
         service.load((48_000, noise_clip(6.0)))
+
+
+def test_a_datastore_to_build_is_built_in_the_background_and_requests_say_so(tmp_path, tiny_clap_dir, caption_file,
+                                                                            monkeypatch):
+    import threading
+
+    from engine.errors import NotReadyError
+
+    release = threading.Event()
+    real_from_files = CaptionDatastore.from_files
+
+    def held_build(*args, **kwargs):  # the build waits until the test has looked at the not-ready state
+        kwargs["progress"](100, 400)
+        assert release.wait(60)
+        return real_from_files(*args, **kwargs)
+
+    monkeypatch.setattr(CaptionDatastore, "from_files", held_build)
+    config = make_config(tmp_path, tiny_clap_dir, caption_file)
+    scribe = AudioScribe.from_config(config, show_progress=False, background=True)  # returns before the build ends
+    audio = scribe.load((16_000, noise_clip(2.0, 16_000)))
+    for _ in range(100):
+        if scribe.readiness.total:
+            break
+        threading.Event().wait(0.05)
+    assert scribe.readiness.state == "building" and "100 of 400 captions embedded" in scribe.readiness.describe()
+    with pytest.raises(NotReadyError, match="not ready yet: Building the caption datastore"):
+        scribe.retrieve(audio)
+    assert len(scribe.classify(audio, ["dog", "rain"]).scores) == 2  # zero-shot needs no datastore
+    release.set()
+    assert scribe.wait_until_ready(60).state == "ready" and len(scribe.datastore) == 400
+    assert scribe.status()["readiness"] == "ready" and len(scribe.retrieve(audio).clip.captions[0]) == 5
+    again = AudioScribe.from_config(config, show_progress=False, background=True)  # cached now: loaded at once
+    assert again.datastore is not None and again.readiness.state == "ready"
+
+
+def test_a_failed_background_build_is_reported(tmp_path, tiny_clap_dir, caption_file, monkeypatch):
+    def broken(*args, **kwargs):
+        raise DatastoreError("disk full")
+
+    monkeypatch.setattr(CaptionDatastore, "from_files", broken)
+    scribe = AudioScribe.from_config(make_config(tmp_path, tiny_clap_dir, caption_file), show_progress=False,
+                                     background=True)
+    assert scribe.wait_until_ready(60).state == "failed"
+    with pytest.raises(DatastoreError, match="Loading failed: disk full"):
+        scribe.retrieve(scribe.load((16_000, noise_clip(1.0, 16_000))))
+
+
+def test_a_domain_from_captions_serves_one_request_and_can_be_saved_by_name(tmp_path, tiny_clap_dir, caption_file):
+    scribe = AudioScribe.from_config(make_config(tmp_path, tiny_clap_dir, caption_file), show_progress=False)
+    audio = scribe.load((16_000, noise_clip(2.0, 16_000)))
+    captions = ["A violin plays a slow melody", "A cello and a violin play together", "Piano chords ring out"]
+    domain = scribe.build_domain("strings", captions)
+    found = scribe.retrieve(audio, k=3, domain=domain)
+    assert sorted(found.clip.captions[0]) == sorted(captions)  # only the domain's captions
+    assert len(scribe.retrieve(audio, k=3).clip.captions[0]) == 3 and scribe.datastore is not domain.datastore
+    assert scribe.domain_names() == []
+    scribe.save_domain(domain)
+    assert scribe.domain_names() == ["strings"]
+    assert scribe.load_domain("strings").datastore.captions == captions
+    for bad in ("", "../etc", "a/b", "x" * 65):
+        with pytest.raises(DatastoreError, match="cannot name a domain"):
+            scribe.build_domain(bad, captions)
+    with pytest.raises(DatastoreError, match="No saved domain is called 'nope'"):
+        scribe.load_domain("nope")
