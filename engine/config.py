@@ -212,6 +212,15 @@ class ServerConfig:
 
 
 @dataclass
+class AnnotateConfig:
+    """The annotation workflow (Annotate and Export tabs)."""
+
+    root: str = ""  # folder of annotation queues (one SQLite store each); "" = <cache_dir>/annotations
+    server_paths: bool = True  # let the browser open folders and list files on the server (turn off on public hosts)
+    suggested_labels: int = 3  # labels pre-ticked from the scores (single-label: the best one only)
+
+
+@dataclass
 class AppConfig:
     """Everything a running AudioScribe needs; see :func:`load_config`."""
 
@@ -225,11 +234,15 @@ class AppConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
         return Path(os.environ.get("AUDIOSCRIBE_CACHE", "~/.cache/audioscribe")).expanduser()
+
+    def annotation_root(self) -> Path:
+        return Path(self.annotate.root).expanduser() if self.annotate.root else self.resolved_cache_dir() / "annotations"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,7 +252,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = PROJECT_ROOT / "assets" / "profiles"
 DEFAULT_PROFILE = "offline"
 ENV_PREFIX = "AUDIOSCRIBE_"
-_SECTIONS = ("audio", "clap", "datastore", "classify", "tuning", "llm", "caption", "server")
+_SECTIONS = ("audio", "clap", "datastore", "classify", "tuning", "llm", "caption", "server", "annotate")
 QUANTIZATIONS = ("auto", "nf4", "int8", "none")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 # Fields holding file-system paths: relative values in a profile file are resolved against that file's folder.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from engine.audio import Audio, AudioSource, Window, load_audio
+from engine.annotations import ModelVersions, Suggestion
 from engine.captioner import Captioner, ClipCaptions, Domain
 from engine.clap import ClapBackend, create_clap
 from engine.clap.base import serving_state_ok
@@ -215,6 +216,36 @@ class AudioScribe:
             self._classifiers.pop(next(iter(self._classifiers)))
         self._classifiers[key] = classifier
         return classifier
+
+    # --- annotation ----------------------------------------------------------------------------------------------
+
+    def suggest(self, audio: Audio, class_names: Sequence[str], *, tuned: TunedPrompts | None = None,
+                domain: Domain | None = None, labels: int = 3) -> tuple[Suggestion, ModelVersions]:
+        """What the models propose for one clip (generated and retrieved captions, labels with scores) and the
+        versions behind it, for an annotator to accept or correct. Tuned prompts score the labels when they are for
+        exactly these class names; otherwise zero-shot. Single-label: the best label; multi-label: those above the
+        threshold, at most ``labels``."""
+        store = domain.datastore if domain else self.datastore
+        retrieved = tuple(self.retrieve(audio, 3, domain).clip.captions[0]) if store is not None else ()
+        caption = self.caption(audio, domain).clip.caption if self.captioner is not None else ""
+        names = list(class_names)
+        use_tuned = tuned is not None and [n.casefold() for n in tuned.class_names] == [n.casefold() for n in names]
+        if use_tuned:
+            scores = self.classify_tuned(audio, tuned).as_dict()
+            chosen = [max(scores, key=scores.get)]
+        else:
+            result = self.classify(audio, names, domain=domain)
+            scores, chosen = result.as_dict(), result.predicted()
+        chosen = sorted(chosen, key=scores.get, reverse=True)[:labels]
+        suggestion = Suggestion(caption, retrieved, tuple(chosen), scores, "tuned" if use_tuned else "zero-shot")
+        versions = ModelVersions(
+            clap_name=self.clap.name, clap_fingerprint=self.clap.fingerprint,
+            datastore_version=(f"{domain.name}:" if domain else "") + (store.manifest.data or "flat") if store else "",
+            datastore_size=len(store) if store is not None else None,
+            llm=self.captioner.llm.name if self.captioner else "",
+            decoder=self.config.caption.checkpoint if self.captioner else "",
+            prompt_key=tuned.content_key() if use_tuned else "")
+        return suggestion, versions
 
     # --- domains: a session's own captions -------------------------------------------------------------------------
 

@@ -32,10 +32,9 @@ def test_build_save_choose_reset_and_compare(service, tmp_path):
     txt, csv = tmp_path / "strings.txt", tmp_path / "more.csv"
     txt.write_text("A violin plays a slow melody\nA cello hums\n\nA violin plays a slow melody\n")
     pd.DataFrame({"caption": ["Piano chords ring out"]}).to_csv(csv, index=False)
-    status, domain = handlers.build([str(txt), str(csv)], ["A harp is plucked"], "strings", progress=no_progress)
-    assert domain.datastore.captions == ["A violin plays a slow melody", "A cello hums", "Piano chords ring out",
-                                         "A harp is plucked"]
-    assert "**strings**, 4 captions, built for this browser session" in status
+    status, domain = handlers.build([str(txt), str(csv)], None, "strings", progress=no_progress)
+    assert domain.datastore.captions == ["A violin plays a slow melody", "A cello hums", "Piano chords ring out"]
+    assert "**strings**, 3 captions, built for this browser session" in status
     assert service.domain_names() == []  # the session's own until saved
     clip = tmp_path / "clip.wav"
     sf.write(clip, noise_clip(3.0, 16_000), 16_000)
@@ -53,12 +52,13 @@ def test_build_save_choose_reset_and_compare(service, tmp_path):
 
 def test_bad_inputs_keep_a_message(service, tmp_path):
     handlers = AdaptHandlers(service)
+    (tmp_path / "ok.txt").write_text("a caption\n")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     with pytest.raises(GradioError, match="No captions to build a domain from"):
-        handlers.build([str(empty)], [], "x", progress=no_progress)
+        handlers.build([str(empty)], None, "x", progress=no_progress)
     with pytest.raises(GradioError, match="cannot name a domain"):
-        handlers.build([], ["a caption"], "../up", progress=no_progress)
+        handlers.build([str(tmp_path / "ok.txt")], None, "../up", progress=no_progress)
     with pytest.raises(GradioError, match="Build or choose a domain first"):
         clip = tmp_path / "c.wav"
         sf.write(clip, noise_clip(1.0, 16_000), 16_000)
@@ -66,4 +66,4 @@ def test_bad_inputs_keep_a_message(service, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("text\nhello\n")
     with pytest.raises(GradioError, match="has no 'caption' column"):
-        handlers.build([str(bad)], [], "x", progress=no_progress)
+        handlers.build([str(bad)], None, "x", progress=no_progress)

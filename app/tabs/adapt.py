@@ -11,6 +11,8 @@ import gradio as gr
 import pandas as pd
 
 from app.handlers import user_errors
+from app.tabs.annotate import AnnotateHandlers
+from app.tabs.common import HEAVY, LIGHT
 from engine.captioner import Domain
 from engine.datastore import read_captions, unique_captions
 from engine.errors import DatastoreError
@@ -22,14 +24,15 @@ COMPARE_COLUMNS = ["captions from", "generated caption", "best retrieved caption
 class AdaptHandlers:
     """Build, save, choose and compare domains; the active domain lives in the caller's session state."""
 
-    def __init__(self, service: AudioScribe) -> None:
+    def __init__(self, service: AudioScribe, annotations: AnnotateHandlers | None = None) -> None:
         self.service = service
+        self.annotations = annotations
 
     @user_errors
-    def build(self, files: Sequence[str] | None, extra: Sequence[str] | None, name: str,
+    def build(self, files: Sequence[str] | None, queue: str | None, name: str,
               progress: gr.Progress = gr.Progress()) -> tuple[str, Domain]:
-        """Caption files (+ captions from elsewhere, e.g. accepted annotations) -> a domain for this session."""
-        captions = unique_captions([*self._read(files or []), *(extra or [])])
+        """Caption files + the captions accepted (or edited) in an annotation queue -> a domain for this session."""
+        captions = unique_captions([*self._read(files or []), *self._accepted(queue)])
         if not captions:
             raise DatastoreError("No captions to build a domain from: upload a .txt (one caption per line), a CSV "
                                  "with a 'caption' column or a JSONL with a 'target' field, or accept captions in "
@@ -38,6 +41,12 @@ class AdaptHandlers:
         domain = self.service.build_domain(
             name, captions, progress=lambda done, total: progress(done / total, desc=f"Embedded {done:,}/{total:,}"))
         return self._describe(domain, "built for this browser session"), domain
+
+    def _accepted(self, queue: str | None) -> list[str]:
+        if not queue or self.annotations is None:
+            return []
+        decisions = self.annotations.store(queue).decisions(latest_only=True, statuses=("accept", "edit"))
+        return [d.caption for d in decisions if d.caption]
 
     def _read(self, files: Sequence[str]) -> list[str]:
         ds = self.service.config.datastore
@@ -87,13 +96,15 @@ class AdaptHandlers:
                 "tuning in this browser session now use these captions.")
 
 
-def build_adapt_tab(service: AudioScribe, domain: gr.State, accepted_captions: gr.State | None = None) -> None:
+def build_adapt_tab(service: AudioScribe, domain: gr.State, annotations: AnnotateHandlers) -> None:
     """The Adapt tab; ``domain`` is the session's active domain (read by the other tabs' events)."""
-    handlers = AdaptHandlers(service)
+    handlers = AdaptHandlers(service, annotations)
     with gr.Row():
         with gr.Column():
             files = gr.File(label="Caption files (.txt, .csv, .jsonl)", file_count="multiple",
                             file_types=[".txt", ".csv", ".tsv", ".jsonl"], elem_id="adapt-files")
+            queue = gr.Dropdown(annotations.queues(), label="And the captions accepted in this annotation queue",
+                                allow_custom_value=True, elem_id="adapt-queue")
             name = gr.Textbox("my-domain", label="Domain name", elem_id="adapt-name")
             with gr.Row():
                 build = gr.Button("Build domain", variant="primary", elem_id="adapt-build")
@@ -108,19 +119,19 @@ def build_adapt_tab(service: AudioScribe, domain: gr.State, accepted_captions: g
             compare = gr.Button("Caption before and after", elem_id="adapt-compare")
             table = gr.Dataframe(headers=COMPARE_COLUMNS, label="Default vs domain", interactive=False, wrap=True,
                                  elem_id="adapt-compare-table")
-    extra = accepted_captions if accepted_captions is not None else gr.State([])
-    build.click(handlers.build, [files, extra, name], [status, domain], api_name="build_domain",
-                api_description="Build a domain (datastore + projection support) from caption files for this session",
-                concurrency_id="heavy")
+    build.click(handlers.build, [files, queue, name], [status, domain], api_name="build_domain",
+                api_description="Build a domain (datastore + projection support) for this session from caption "
+                                "files and the captions accepted in an annotation queue",
+                **HEAVY)
     save.click(handlers.save, [domain], [status, saved], api_name="save_domain",
-               api_description="Save this session's domain under its name for every session")
+               api_description="Save this session's domain under its name for every session", **LIGHT)
     saved.change(handlers.choose, [saved], [status, domain], api_name="choose_domain",
-                 api_description="Use a saved domain in this session")
+                 api_description="Use a saved domain in this session", **LIGHT)
     reset.click(handlers.reset, None, [status, domain], api_name="reset_domain",
-                api_description="Go back to the app's default captions in this session")
+                api_description="Go back to the app's default captions in this session", **LIGHT)
     compare.click(handlers.compare, [clip, domain], [table], api_name="compare_domain",
                   api_description="Caption a clip with the default captions and with this session's domain",
-                  concurrency_id="heavy")
+                  **HEAVY)
 
 
 __all__ = ["AdaptHandlers", "build_adapt_tab"]
