@@ -1,28 +1,47 @@
-"""Event handlers: translate between Gradio values and the engine. No model code lives here.
+"""Event handlers: translate between Gradio values and the engine. No model code and no layout lives here.
 
-Every handler turns the engine's typed errors into ``gr.Error`` so the user sees the message in the page, and
-returns plain values (markdown strings, DataFrames, dicts) that Gradio renders.
+Every handler turns the engine's typed errors into ``gr.Error`` so the user sees the message in the page (and an API
+client gets it as the error), and returns plain values (markdown strings, DataFrames, dicts, chart specs) that the
+tabs in app/tabs render. One handler class per tab; they share one :class:`AudioScribe`.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pandas as pd
 
-from engine.audio import Audio
-from engine.classifier import parse_class_names
-from engine.errors import AudioScribeError
-from engine.prompt_tuning import TunedPrompts
+from app.charts import TUNED, ZERO_SHOT, comparison_chart, timeline_chart
+from app.tuning_report import tuning_report
+from engine.audio import Audio, Window
+from engine.captioner import ClipCaptions, Domain
+from engine.classifier import Classification, parse_class_names
+from engine.config import CaptionConfig
+from engine.errors import AudioScribeError, ClassifierInputError
+from engine.prompt_tuning import META_FILE, PROMPTS_FILE, TunedPrompts, TuningCancelled
 from engine.service import AudioScribe, top_caption_rows
 
 CAPTION_COLUMNS = ["rank", "caption", "similarity"]
-WINDOW_DESCRIBE_COLUMNS = ["window", "start_s", "end_s", "generated caption", "best retrieved caption", "similarity"]
-MAX_WINDOW_COLUMNS = 10  # per-window table: the best classes only, so 500 class names stay readable
-WINDOW_CAPTION_COLUMNS = ["window", "start_s", "end_s", "best caption", "similarity"]
+SUPPORT_COLUMNS = ["support caption", "weight"]
+TIMELINE_COLUMNS = ["window", "caption", "top labels"]
+WINDOW_CLASS_COLUMNS = ["window", "top classes"]
+COMPARISON_COLUMNS = ["class", "method", "score"]
+DEFAULT_CLASSES = "dog barking\nrain\nsiren\nspeech\nmusic\ncar engine\nbirds chirping\napplause"
+NONE_ABOVE = "none above threshold"
+MAX_LABEL_CLASSES = 10  # the score list shows the best 10 of any number of classes
+MAX_PLOT_CLASSES = 12  # the comparison plot: the best 12 (by either method), still in class order
+TOP_PER_WINDOW = 3  # classes named per window in the tables
+TIMELINE_CLASSES = 5  # lines in the timeline plot
+BEAMS_RANGE, NEW_TOKENS_RANGE = (1, 8), (5, 100)  # per-request generation settings a user may choose
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -38,15 +57,11 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def comparison_table(names: list[str], zero_shot: np.ndarray, tuned: np.ndarray | None) -> pd.DataFrame:
-    """Rows for the bar plot: each class's zero-shot bar followed by its tuned bar (Gradio's BarPlot stacks bars that
-    share an x value, so each bar gets its own label, in this order)."""
-    rows = []
-    for i, name in enumerate(names):
-        rows.append((f"{name} · zero-shot", "zero-shot", float(zero_shot[i])))
-        if tuned is not None:
-            rows.append((f"{name} · tuned", "tuned prompts", float(tuned[i])))
-    return pd.DataFrame(rows, columns=["class", "method", "score"])
+def default_class_names(service: AudioScribe) -> str:
+    """All of the CLAP's own classes when it lists them (the demo bundle: any example clip then has its class in
+    the list), else everyday sound classes."""
+    known = service.clap.known_classes
+    return "\n".join(known) if known else DEFAULT_CLASSES
 
 
 def describe_audio(audio: Audio) -> str:
@@ -60,7 +75,42 @@ def describe_audio(audio: Audio) -> str:
     return f"**{audio.source}**: {audio.duration_s:.2f} s ({done})"
 
 
-def _window_caption(captions, window) -> str:
+def seconds(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")
+
+
+def span(window: Window) -> str:
+    """'4–14 s': how a window is named in tables and notes."""
+    return f"{seconds(window.start_s)}–{seconds(window.end_s)} s"
+
+
+def window_note(windows: Sequence[Window], hop_s: float) -> str:
+    """Why windows overlap, in one line: the model hears a fixed length at a time, so the last window of a clip that
+    is not a whole number of hops long is moved back to end at the clip's end (audio.last_window = "shift")."""
+    overlapping = [(a, b) for a, b in zip(windows, windows[1:]) if b.start_s < a.end_s - 1e-6]
+    if not overlapping:
+        return ""
+    length = seconds(windows[0].end_s - windows[0].start_s)
+    if overlapping == [(windows[-2], windows[-1])] and windows[-1].start_s - windows[-2].start_s < hop_s - 1e-6:
+        heard_twice = seconds(windows[-2].end_s - windows[-1].start_s)
+        return (f"Windows overlap: the model hears {length} s at a time, so the last window is moved back to end "
+                f"at the clip's end ({span(windows[-1])}) rather than cut short; {heard_twice} s are in both.")
+    return f"Windows overlap: a {length}-s window starts every {seconds(hop_s)} s."
+
+
+def window_lines(windows: Sequence[Window], hop_s: float, max_window_s: float) -> str:
+    """'2 window(s) of up to 10 s', plus the overlap note when there is one."""
+    note = window_note(windows, hop_s)
+    return f" — {len(windows)} window(s) of up to {max_window_s:g} s" + (f"  \n{note}" if note else "")
+
+
+def top_labels(names: Sequence[str], scores: np.ndarray, count: int = TOP_PER_WINDOW) -> str:
+    """'siren 82% · dog 10% · rain 3%': the best classes of one window, compact enough for a narrow column."""
+    best = np.argsort(-scores, kind="stable")[:count]
+    return " · ".join(f"{names[i]} {100 * float(scores[i]):.0f}%" for i in best)
+
+
+def window_caption(captions: ClipCaptions | None, window: Window) -> str:
     """The generated caption covering ``window``: its own, that of the merged segment holding it (long audio:
     caption.max_window_captions), or the whole clip's when the clip has one window."""
     if captions is None:
@@ -71,98 +121,261 @@ def _window_caption(captions, window) -> str:
     return captions.per_window[segment].caption
 
 
-class Handlers:
-    """The app's callbacks, bound to one shared :class:`AudioScribe`."""
+def timeline(result: Classification, captions: Sequence[str]) -> tuple[pd.DataFrame, object]:
+    """Per window: its caption and best labels (a table), and the best classes' scores over time (a plot)."""
+    names, scores = result.class_names, result.window_scores
+    table = pd.DataFrame([(span(w), captions[i], top_labels(names, scores[i])) for i, w in enumerate(result.windows)],
+                         columns=TIMELINE_COLUMNS)
+    best = np.argsort(-scores.max(axis=0), kind="stable")[:TIMELINE_CLASSES]
+    classes = [names[c] for c in best]
+    points = [{"time_s": round((w.start_s + w.end_s) / 2, 2), "window": span(w), "class": names[c],
+               "score": round(float(scores[i, c]), 4), "caption": captions[i]}
+              for i, w in enumerate(result.windows) for c in best]
+    return table, timeline_chart(points, classes)
+
+
+class ServiceHandlers:
+    """What every tab's handlers share: the engine and loading an upload."""
 
     def __init__(self, service: AudioScribe) -> None:
         self.service = service
-        self._stop_requests: set[str] = set()  # sessions that pressed Stop while tuning (control flags, no user data)
 
     def _load(self, audio_path: str | None) -> Audio:
         if not audio_path:
             raise gr.Error("Upload or record some audio first")
         return self.service.load(audio_path)
 
+    def _window_lines(self, windows: Sequence[Window]) -> str:
+        audio = self.service.config.audio
+        return window_lines(windows, audio.hop_s, audio.window_s)
+
+    def check_audio(self, audio_path: str | None) -> str:
+        """Light, on upload: decode the file and say what it is, or why it cannot be used. Returns the message
+        instead of raising, so a bad upload never covers earlier results with an error badge."""
+        if not audio_path:
+            return ""
+        try:
+            return "✅ " + describe_audio(self.service.load(audio_path))
+        except FileNotFoundError as e:
+            return f"❌ File not found: {Path(e.filename).name if e.filename else 'the upload'}"
+        except AudioScribeError as e:
+            return f"❌ {e}"
+
+
+class CaptionHandlers(ServiceHandlers):
+    """The Caption tab: retrieved and generated captions, the support behind them, a per-window timeline."""
+
+    def generation_limits(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(beams, max new tokens) a request may ask for: the usual ranges, widened to the configured values."""
+        cfg = self.service.config.caption
+        return ((min(BEAMS_RANGE[0], cfg.num_beams), max(BEAMS_RANGE[1], cfg.num_beams)),
+                (min(NEW_TOKENS_RANGE[0], cfg.max_new_tokens), max(NEW_TOKENS_RANGE[1], cfg.max_new_tokens)))
+
+    def generation_settings(self, num_beams: float, max_new_tokens: float) -> CaptionConfig:
+        """This request's generation settings: a copy of the configured ones (never changed for other users)."""
+        values = {"Beams": int(num_beams), "Max new tokens": int(max_new_tokens)}
+        for (name, value), (low, high) in zip(values.items(), self.generation_limits()):
+            if not low <= value <= high:
+                raise gr.Error(f"{name} must be {low}-{high}, got {value}")
+        return replace(self.service.config.caption, num_beams=values["Beams"], max_new_tokens=values["Max new tokens"])
+
+    def _labels(self, audio: Audio, label_text: str | None, domain: Domain | None = None) -> Classification:
+        names = parse_class_names(label_text or "") or parse_class_names(default_class_names(self.service))
+        return self.service.classify(audio, names, multi_label=False, domain=domain)
+
     @user_errors
-    def retrieve(self, audio_path: str | None, k: float) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-        """Audio -> (info line, top-k captions for the clip, best caption per window)."""
+    def retrieve(self, audio_path: str | None, k: float, label_text: str | None = None, domain: Domain | None = None
+                 ) -> tuple[str, pd.DataFrame, pd.DataFrame, object]:
+        """Audio -> (info line, top-k captions for the clip, timeline table of best retrieved captions, plot)."""
         audio = self._load(audio_path)
-        found = self.service.retrieve(audio, int(k))
+        found = self.service.retrieve(audio, int(k), domain=domain)
         clip = pd.DataFrame(top_caption_rows(found.clip), columns=CAPTION_COLUMNS)
-        windows = pd.DataFrame(
-            [(w.index + 1, round(w.start_s, 2), round(w.end_s, 2), found.per_window.captions[i][0],
-              round(float(found.per_window.scores[i][0]), 4)) for i, w in enumerate(found.windows)],
-            columns=WINDOW_CAPTION_COLUMNS)
-        info = describe_audio(audio) + f" — {len(found.windows)} window(s) of up to {self.service.config.audio.window_s:g} s"
-        return info, clip, windows
+        table, plot = timeline(self._labels(audio, label_text, domain), [c[0] for c in found.per_window.captions])
+        info = (describe_audio(audio) + self._window_lines(found.windows)
+                + "  \nTimeline captions: the best retrieved caption per window.")
+        return info, clip, table, plot
 
     @user_errors
-    def describe(self, audio_path: str | None, k: float) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
-        """Audio -> (info line, generated caption, retrieved captions for the clip, per-window captions)."""
+    def describe(self, audio_path: str | None, k: float, num_beams: float = 0, max_new_tokens: float = 0,
+                 label_text: str | None = None, domain: Domain | None = None
+                 ) -> tuple[str, str, pd.DataFrame, pd.DataFrame, pd.DataFrame, object]:
+        """Audio -> (info line, generated caption, retrieved captions, support captions, timeline table, plot)."""
+        cfg = self.service.config.caption
+        settings = self.generation_settings(num_beams or cfg.num_beams, max_new_tokens or cfg.max_new_tokens)
         audio = self._load(audio_path)
-        found = self.service.retrieve(audio, int(k))
-        captions = self.service.caption(audio) if self.service.captioner else None
+        found = self.service.retrieve(audio, int(k), domain=domain)
+        captions = self.service.caption(audio, domain=domain, settings=settings) if cfg.enabled else None
+        labels = self._labels(audio, label_text, domain)
+        per_window = [window_caption(captions, w) or found.per_window.captions[i][0]
+                      for i, w in enumerate(labels.windows)]
+        table, plot = timeline(labels, per_window)
         clip = pd.DataFrame(top_caption_rows(found.clip), columns=CAPTION_COLUMNS)
-        rows = []
-        for i, w in enumerate(found.windows):
-            generated = _window_caption(captions, w)
-            rows.append((w.index + 1, round(w.start_s, 2), round(w.end_s, 2), generated,
-                         found.per_window.captions[i][0], round(float(found.per_window.scores[i][0]), 4)))
-        windows = pd.DataFrame(rows, columns=WINDOW_DESCRIBE_COLUMNS)
-        info = describe_audio(audio) + f" — {len(found.windows)} window(s) of up to {self.service.config.audio.window_s:g} s"
-        if captions:
-            timings = ", ".join(f"{name} {ms:.0f} ms" for name, ms in captions.timings_ms.items())
-            info += f"  \nCaptioning time: {timings}"
-            text = captions.clip.caption or "(the model produced an empty caption)"
-        else:
-            text = "Captioning is off in this profile (caption.enabled = false): retrieved captions only."
-        return info, text, clip, windows
+        support = pd.DataFrame([(c, round(w, 4)) for c, w in captions.clip.support_top] if captions else [],
+                               columns=SUPPORT_COLUMNS)
+        info = describe_audio(audio) + self._window_lines(found.windows)
+        if captions is None:
+            info += "  \nCaptioning is off on this server: the timeline shows the best retrieved captions."
+            return info, "Captioning is off on this server: retrieved captions only.", clip, support, table, plot
+        timings = ", ".join(f"{name} {ms:.0f} ms" for name, ms in captions.timings_ms.items())
+        info += f"  \nCaptioning time: {timings} ({settings.num_beams} beams, ≤ {settings.max_new_tokens} tokens)"
+        return info, captions.clip.caption or "(the model produced an empty caption)", clip, support, table, plot
 
-    @user_errors
-    def tune(self, class_text: str, multi_label: bool, request: gr.Request,
-             progress: gr.Progress = gr.Progress()) -> tuple[str, TunedPrompts]:
-        """Tune prompts for the typed classes on datastore captions; the result goes to this session's state only."""
-        names = parse_class_names(class_text or "")
-        session = request.session_hash if request else ""
-        self._stop_requests.discard(session)
-        prompts = self.service.tune_prompts(
-            names, multi_label=multi_label, progress=lambda fraction, message: progress(fraction, desc=message),
-            should_stop=lambda: session in self._stop_requests)
-        report = prompts.report
-        text = (f"Tuned {len(names)} classes in {report['seconds']:.1f} s ({report['steps']} steps, "
-                f"{report['texts']} training captions; loss {report['epoch_losses'][0]:.3f} → "
-                f"{report['epoch_losses'][-1]:.3f}). These prompts stay in this browser session only.\n\n"
-                f"```\n{report['selection']}\n```")
-        return text, prompts
 
-    def stop_tuning(self, request: gr.Request) -> str:
-        self._stop_requests.add(request.session_hash if request else "")
-        return "Stopping…"
+class ClassifyHandlers(ServiceHandlers):
+    """The Classify tab: zero-shot scores, prompt tuning (per session, stoppable), tuned prompts in and out."""
+
+    def __init__(self, service: AudioScribe) -> None:
+        super().__init__(service)
+        # Control flags per browser session (no user data): runs queued or going, and the ones asked to stop.
+        self._running: set[str] = set()
+        self._stop_requests: set[str] = set()
+        self._exports = Path(tempfile.gettempdir()) / f"audioscribe-prompts-{os.getpid()}"
 
     @user_errors
     def classify(self, audio_path: str | None, class_text: str, template_text: str, multi_label: bool,
-                 threshold: float, tuned: TunedPrompts | None = None
-                 ) -> tuple[str, dict[str, float], pd.DataFrame, pd.DataFrame]:
-        """Audio + class names -> (info line, {class: score} for gr.Label, per-window scores, zero-shot vs tuned)."""
+                 threshold: float, tuned: TunedPrompts | None = None, domain: Domain | None = None
+                 ) -> tuple[str, dict, pd.DataFrame, object, pd.DataFrame]:
+        """Audio + class names -> (info line, scores for the label, top classes per window, zero-shot vs tuned plot,
+        the plot's numbers as a table)."""
         audio = self._load(audio_path)
         names = parse_class_names(class_text or "")
         templates = [t for t in (template_text or "").splitlines() if t.strip()] or None
-        result = self.service.classify(audio, names, templates, multi_label=multi_label, threshold=threshold)
-        best = np.argsort(-result.scores, kind="stable")[:MAX_WINDOW_COLUMNS]  # columns: best clip-level classes
-        per_window = pd.DataFrame(result.window_scores[:, best].astype(float).round(4),
-                                  columns=[result.class_names[i] for i in best])
-        per_window.insert(0, "end_s", [round(w.end_s, 2) for w in result.windows])
-        per_window.insert(0, "start_s", [round(w.start_s, 2) for w in result.windows])
-        mode = (f"multi-label, sigmoid ≥ {threshold:g}: {', '.join(result.predicted()) or 'none'}"
-                if multi_label else f"single-label: **{result.predicted()[0]}**")
-        info = describe_audio(audio) + f" — {len(names)} classes, {mode}"
-        if len(names) > MAX_WINDOW_COLUMNS:
-            info += f" (per-window table: the {MAX_WINDOW_COLUMNS} best classes)"
-        tuned_scores = None
-        if tuned is not None:
-            if [n.casefold() for n in tuned.class_names] != [n.casefold() for n in names]:
-                info += "  \nThe tuned prompts are for other class names: press *Tune prompts* again."
-            else:
-                tuned_scores = self.service.classify_tuned(audio, tuned).scores["combined"]
-        comparison = comparison_table(names, result.scores, tuned_scores)
-        return info, result.as_dict(), per_window, comparison
+        result = self.service.classify(audio, names, templates, multi_label=multi_label, threshold=threshold,
+                                       domain=domain)
+        windows = pd.DataFrame([(span(w), top_labels(names, result.window_scores[i]))
+                                for i, w in enumerate(result.windows)], columns=WINDOW_CLASS_COLUMNS)
+        info = describe_audio(audio) + f" — {len(names)} classes, {self._decision(result)}"
+        info += self._window_lines(result.windows)
+        tuned_scores, note = self._tuned_scores(audio, names, tuned)
+        rows = [(n, ZERO_SHOT, float(s)) for n, s in zip(names, result.scores)]
+        if tuned_scores is not None:
+            rows += [(n, TUNED, float(s)) for n, s in zip(names, tuned_scores)]
+        plotted = self._plotted_classes(names, result.scores, tuned_scores)
+        if len(plotted) < len(names):
+            note += f"  \nThe plot shows the {len(plotted)} best of the {len(names)} classes."
+        plot = comparison_chart([r for r in rows if r[0] in plotted], [n for n in names if n in plotted])
+        return info + note, self.label_value(result), windows, plot, pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+    @staticmethod
+    def _decision(result: Classification) -> str:
+        if not result.multi_label:
+            return f"single-label: **{result.predicted()[0]}**"
+        chosen = ", ".join(result.predicted())
+        return f"multi-label, sigmoid ≥ {result.threshold:g}: **{chosen or NONE_ABOVE}**"
+
+    @staticmethod
+    def label_value(result: Classification) -> dict:
+        """Scores for the label component with an explicit headline: the predicted classes, or 'none above
+        threshold' when a multi-label result has none (a plain gr.Label would show the top class as if predicted).
+        The best MAX_LABEL_CLASSES classes, best first."""
+        best = np.argsort(-result.scores, kind="stable")[:MAX_LABEL_CLASSES]
+        chosen = result.predicted()
+        headline = ", ".join(chosen) if chosen else f"{NONE_ABOVE} ({result.threshold:g})"
+        return {"label": headline, "confidences": [{"label": result.class_names[i],
+                                                    "confidence": float(result.scores[i])} for i in best]}
+
+    def _tuned_scores(self, audio: Audio, names: list[str], tuned: TunedPrompts | None
+                      ) -> tuple[np.ndarray | None, str]:
+        if tuned is None:
+            return None, ""
+        if [n.casefold() for n in tuned.class_names] != [n.casefold() for n in names]:
+            return None, "  \nThe tuned prompts are for other class names: press *Tune prompts* again."
+        return self.service.classify_tuned(audio, tuned).scores["combined"], ""
+
+    @staticmethod
+    def _plotted_classes(names: list[str], zero_shot: np.ndarray, tuned: np.ndarray | None) -> set[str]:
+        best = zero_shot if tuned is None else np.maximum(zero_shot, tuned)
+        return {names[i] for i in np.argsort(-best, kind="stable")[:MAX_PLOT_CLASSES]}
+
+    # --- prompt tuning -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _session(request: gr.Request | None) -> str:
+        return request.session_hash if request and request.session_hash else ""
+
+    def tuning_requested(self, request: gr.Request) -> None:
+        """The Tune button was pressed: from now on (even while the run waits in the queue) Stop stops it."""
+        session = self._session(request)
+        self._stop_requests.discard(session)
+        self._running.add(session)
+
+    @user_errors
+    def tune(self, class_text: str, multi_label: bool, current: TunedPrompts | None = None,
+             domain: Domain | None = None, request: gr.Request = None, progress: gr.Progress = gr.Progress()
+             ) -> tuple:
+        """Tune prompts for the typed classes on datastore captions -> (status, per-class report, prompts, files).
+
+        Stopped by the user: the status says after how many steps and every other output keeps its value (the
+        previous prompts stay in use); a stop is an outcome, not an error."""
+        names = parse_class_names(class_text or "")
+        session = self._session(request)
+        self._running.add(session)
+        steps = [0]
+
+        def report(fraction: float, message: str) -> None:
+            steps[0] += fraction > 0  # every training step reports its fraction done; the set-up reports 0
+            progress(fraction, desc=message)
+
+        try:
+            prompts = self.service.tune_prompts(names, multi_label=multi_label, progress=report,
+                                                should_stop=lambda: session in self._stop_requests, domain=domain)
+        except TuningCancelled:
+            kept = ("the previous prompts are kept" if current is not None
+                    else "this session has no tuned prompts, so Classify shows zero-shot scores only")
+            return f"Stopped after {steps[0]} steps; {kept}.", gr.skip(), gr.skip(), gr.skip()
+        finally:
+            self._running.discard(session)
+            self._stop_requests.discard(session)
+        status, table = tuning_report(prompts)
+        return status, table, prompts, self.export(prompts)
+
+    def stop_tuning(self, request: gr.Request = None) -> str:
+        """Ask this session's tuning run to stop after its current step; says so, or that nothing is running."""
+        session = self._session(request)
+        if session not in self._running:
+            return "Nothing to stop: no tuning run is going in this session."
+        self._stop_requests.add(session)
+        return "Stopping after the current step…"
+
+    def stopping(self, request: gr.Request = None) -> bool:
+        """True while this session's run has been asked to stop and has not yet."""
+        return self._session(request) in self._stop_requests
+
+    # --- tuned prompts as files ----------------------------------------------------------------------------------
+
+    def export(self, prompts: TunedPrompts) -> list[str]:
+        """prompts.safetensors (tensors + metadata in its header; what Upload reads) and prompts.json (a readable
+        copy), in a folder of their own; folders older than the upload TTL are removed on the way."""
+        self._prune_exports()
+        folder = prompts.save(self._exports / uuid.uuid4().hex)
+        return [str(folder / PROMPTS_FILE), str(folder / META_FILE)]
+
+    def _prune_exports(self) -> None:
+        cutoff = time.time() - self.service.config.server.upload_ttl_s
+        for folder in self._exports.glob("*") if self._exports.is_dir() else []:
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    @user_errors
+    def load_prompts(self, path: str | None) -> tuple[str, str, TunedPrompts, str]:
+        """An uploaded prompts.safetensors -> (status, report, prompts for this session, their class names)."""
+        if not path:
+            raise ClassifierInputError("Choose a prompts.safetensors file to upload")
+        prompts = TunedPrompts.load(path, self.service.clap)  # ModelLoadError: another CLAP, not prompts, damaged
+        status, table = tuning_report(prompts)
+        loaded = (f"Loaded prompts for {len(prompts.class_names)} classes from {Path(path).name}; the class names "
+                  "above are now theirs, so *Classify* compares zero-shot and tuned scores.")
+        return f"{loaded}\n\n{status}", table, prompts, "\n".join(prompts.class_names)
+
+
+class Handlers:
+    """Every tab's handlers, bound to one shared :class:`AudioScribe`."""
+
+    def __init__(self, service: AudioScribe) -> None:
+        self.service = service
+        self.caption = CaptionHandlers(service)
+        self.classify = ClassifyHandlers(service)
+
+
+__all__ = ["CaptionHandlers", "ClassifyHandlers", "Handlers", "ServiceHandlers", "default_class_names",
+           "describe_audio", "user_errors", "window_note"]

@@ -189,14 +189,14 @@ def check_table(table: Any) -> str:
 
 
 def check_describe(value: Any) -> str:
-    info, generated, table, _ = value
+    info, generated, table, *_ = value
     if not isinstance(generated, str) or not generated.strip():
         return f"no generated caption: {generated!r}"
     return check_table(table)
 
 
 def check_classify(value: Any) -> str:
-    _, label, _, _ = value
+    _, label, *_ = value
     got = {c["label"] for c in label.get("confidences", [])} if isinstance(label, dict) else set()
     want = set(CLASSES.splitlines())
     return "" if got == want else f"scores for {sorted(got)}, expected {sorted(want)}"

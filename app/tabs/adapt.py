@@ -113,7 +113,7 @@ def build_adapt_tab(service: AudioScribe, domain: gr.State, annotations: Annotat
                 saved = gr.Dropdown(service.domain_names(), label="Saved domains", elem_id="adapt-saved")
                 reset = gr.Button("Use the default", elem_id="adapt-reset")
         with gr.Column():
-            status = gr.Markdown(handlers._describe(None, ""), elem_id="adapt-status")
+            status = gr.Markdown(handlers._describe(None, ""), label="Active domain", elem_id="adapt-status")
             clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Clip to compare",
                             elem_id="adapt-audio")
             compare = gr.Button("Caption before and after", elem_id="adapt-compare")

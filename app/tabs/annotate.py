@@ -260,12 +260,12 @@ def build_annotate_tab(service: AudioScribe, handlers: AnnotateHandlers, label_t
             uploads = gr.File(label="Or upload clips", file_count="multiple", type="filepath",
                               elem_id="annotate-uploads")
             open_button = gr.Button("Open queue", variant="primary", elem_id="annotate-open")
-            queue_note = gr.Markdown(elem_id="annotate-queue-note")
+            queue_note = gr.Markdown(label="Queue status", elem_id="annotate-queue-note")
         with gr.Row():
             with gr.Column(scale=3):
-                clip_line = gr.Markdown("Open a queue to start.", elem_id="annotate-clip")
-                audio = gr.Audio(type="filepath", label="Clip", interactive=False, elem_id="annotate-audio")
-                suggestions = gr.Markdown(elem_id="annotate-suggestions")
+                clip_line = gr.Markdown("Open a queue to start.", label="Clip", elem_id="annotate-clip")
+                audio = gr.Audio(type="filepath", label="Clip audio", interactive=False, elem_id="annotate-audio")
+                suggestions = gr.Markdown(label="Suggestions (the models)", elem_id="annotate-suggestions")
             with gr.Column(scale=2):
                 caption = gr.Textbox(label="Caption (your decision)", lines=2, elem_id="annotate-caption")
                 labels = gr.CheckboxGroup(parse_class_names(label_text), label="Labels (your decision)",
@@ -278,29 +278,31 @@ def build_annotate_tab(service: AudioScribe, handlers: AnnotateHandlers, label_t
                 with gr.Row():
                     previous = gr.Button("← Previous (P)", elem_id="annotate-previous")
                     next_button = gr.Button("Next (N) →", elem_id="annotate-next")
-                saved_note = gr.Markdown(elem_id="annotate-saved")
-                progress_line = gr.Markdown(elem_id="annotate-progress")
+                saved_note = gr.Markdown(label="Last saved decision", elem_id="annotate-saved")
+                progress_line = gr.Markdown(label="Progress", elem_id="annotate-progress")
         with gr.Accordion("Label set", open=False):
             label_box = gr.Textbox(label_text, lines=4, label="Labels offered (one per line or comma-separated)",
                                    elem_id="annotate-label-set")
         gr.Markdown(SHORTCUTS)
     state = gr.State(AnnotateState())
     shown = [audio, clip_line, progress_line, caption, labels, note, state]
+    # After every move the models' suggestions follow as a heavy event; one public endpoint, the rest UI-only.
     suggest = dict(fn=handlers.suggest, inputs=[state, caption, labels, label_box, tuned, domain],
-                   outputs=[suggestions, caption, labels, state], **HEAVY,
-                   api_name="suggest", api_description="The models' caption and label suggestions for the clip shown")
+                   outputs=[suggestions, caption, labels, state], **HEAVY)
+    private = dict(suggest, api_visibility="private")
     open_button.click(handlers.open_queue, [queue, server_path, uploads, annotator], [*shown, queue_note, queue],
                       api_name="open_queue", api_description="Open or create an annotation queue and resume it",
-                      **LIGHT).then(**suggest)
+                      **LIGHT).then(**suggest, api_name="suggest",
+                                    api_description="The models' caption and label suggestions for the clip shown")
     for button, status in ((accept, "accept"), (skip, "skip"), (flag, "flag")):
         button.click(_decider(handlers, status), [caption, labels, note, state, annotator], [*shown, saved_note],
                      api_name=f"{status}_clip", api_description=f"Record '{status}' for the clip shown and move on",
-                     **LIGHT).then(**suggest)
+                     **LIGHT).then(**private)
     for button, step in ((previous, -1), (next_button, 1)):
         button.click(_mover(handlers, step), [state, annotator], [*shown, saved_note],
                      api_name="previous_clip" if step < 0 else "next_clip",
                      api_description="Show the previous clip" if step < 0 else "Show the next clip",
-                     **LIGHT).then(**suggest)
+                     **LIGHT).then(**private)
     label_box.change(lambda text: gr.CheckboxGroup(choices=parse_class_names(text or "") if text else []),
                      [label_box], [labels], api_visibility="private")
 
