@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from app.gpu import gpu
 from app.handlers import user_errors
 from app.tabs.annotate import AnnotateHandlers
 from app.tabs.common import HEAVY, LIGHT
@@ -119,7 +120,7 @@ def build_adapt_tab(service: AudioScribe, domain: gr.State, annotations: Annotat
             compare = gr.Button("Caption before and after", elem_id="adapt-compare")
             table = gr.Dataframe(headers=COMPARE_COLUMNS, label="Default vs domain", interactive=False, wrap=True,
                                  elem_id="adapt-compare-table")
-    build.click(handlers.build, [files, queue, name], [status, domain], api_name="build_domain",
+    build.click(gpu(handlers.build), [files, queue, name], [status, domain], api_name="build_domain",
                 api_description="Build a domain (datastore + projection support) for this session from caption "
                                 "files and the captions accepted in an annotation queue",
                 **HEAVY)
@@ -129,7 +130,7 @@ def build_adapt_tab(service: AudioScribe, domain: gr.State, annotations: Annotat
                  api_description="Use a saved domain in this session", **LIGHT)
     reset.click(handlers.reset, None, [status, domain], api_name="reset_domain",
                 api_description="Go back to the app's default captions in this session", **LIGHT)
-    compare.click(handlers.compare, [clip, domain], [table], api_name="compare_domain",
+    compare.click(gpu(handlers.compare), [clip, domain], [table], api_name="compare_domain",
                   api_description="Caption a clip with the default captions and with this session's domain",
                   **HEAVY)
 

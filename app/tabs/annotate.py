@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from app.gpu import gpu
 from app.handlers import user_errors
 from app.tabs.common import HEAVY, LIGHT
 from engine.annotations import (
@@ -287,7 +288,7 @@ def build_annotate_tab(service: AudioScribe, handlers: AnnotateHandlers, label_t
     state = gr.State(AnnotateState())
     shown = [audio, clip_line, progress_line, caption, labels, note, state]
     # After every move the models' suggestions follow as a heavy event; one public endpoint, the rest UI-only.
-    suggest = dict(fn=handlers.suggest, inputs=[state, caption, labels, label_box, tuned, domain],
+    suggest = dict(fn=gpu(handlers.suggest), inputs=[state, caption, labels, label_box, tuned, domain],
                    outputs=[suggestions, caption, labels, state], **HEAVY)
     private = dict(suggest, api_visibility="private")
     open_button.click(handlers.open_queue, [queue, server_path, uploads, annotator], [*shown, queue_note, queue],

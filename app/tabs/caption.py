@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app.gpu import gpu
 from app.handlers import (
     CAPTION_COLUMNS,
     SUPPORT_COLUMNS,
@@ -68,13 +69,13 @@ def _wire(handlers: CaptionHandlers, audio: gr.Audio, audio_check: gr.Markdown, 
                  api_description="Decode an audio file and say what it is (duration, conversion) or why it cannot "
                                  "be used; light, never waits behind model work", **LIGHT)
     # Progress and errors show on the info line only: an error never covers the earlier results below it.
-    describe_button.click(handlers.describe, [audio, top_k, beams, max_tokens, labels, domain], outputs,
+    describe_button.click(gpu(handlers.describe), [audio, top_k, beams, max_tokens, labels, domain], outputs,
                           api_name="describe",
                           api_description="Caption a clip: generated caption (DRCap), top-k retrieved captions, the "
                                           "support captions behind the generation, and a per-window timeline of "
                                           "captions and top labels (table and plot)",
                           show_progress_on=[info], **HEAVY)
-    retrieve_button.click(handlers.retrieve, [audio, top_k, labels, domain], [info, retrieved, windows, plot],
+    retrieve_button.click(gpu(handlers.retrieve), [audio, top_k, labels, domain], [info, retrieved, windows, plot],
                           api_name="retrieve",
                           api_description="Retrieve the top-k datastore captions for a clip, and per window the best "
                                           "retrieved caption and top labels (no generation: fast)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app.gpu import gpu
 from app.handlers import COMPARISON_COLUMNS, WINDOW_CLASS_COLUMNS, ClassifyHandlers, default_class_names
 from app.tabs.common import HEAVY, LIGHT, UI_ONLY, example_clips, headline_label
 
@@ -62,7 +63,8 @@ def build_classify_tab(handlers: ClassifyHandlers, domain: gr.State) -> gr.State
 
     audio.change(handlers.check_audio, [audio], [audio_check], api_name="check_classify_audio",
                  api_description="Decode an audio file and say what it is or why it cannot be used (light)", **LIGHT)
-    classify_button.click(handlers.classify, [audio, class_names, templates, multi_label, threshold, tuned, domain],
+    classify_button.click(gpu(handlers.classify),
+                          [audio, class_names, templates, multi_label, threshold, tuned, domain],
                           [info, scores, windows, plot, table], api_name="classify",
                           api_description="Zero-shot scores of a clip for the class names (and, with prompts tuned "
                                           "in this session for the same names, tuned scores beside them)",
@@ -90,7 +92,8 @@ def _wire_tuning(handlers: ClassifyHandlers, inputs: tuple, buttons: tuple, outp
         return gr.Button(interactive=False, value="Stopping…" if handlers.stopping(request) else "Stop tuning")
 
     run = tune_button.click(started, None, [tune_button, stop_button], api_name="tune_started", **UI_ONLY)
-    run = run.then(handlers.tune, [class_names, multi_label, tuned, domain], [tune_status, report, tuned, prompt_files],
+    run = run.then(gpu(handlers.tune), [class_names, multi_label, tuned, domain],
+                   [tune_status, report, tuned, prompt_files],
                    api_name="tune_prompts",
                    api_description="Tune prompts for the class names on datastore captions (for this session "
                                    "only); returns the status (with a warning per class no caption mentions), the "
