@@ -254,7 +254,8 @@ class ClassifyHandlers(ServiceHandlers):
         if len(plotted) < len(names):
             note += f"  \nThe plot shows the {len(plotted)} best of the {len(names)} classes."
         plot = comparison_chart([r for r in rows if r[0] in plotted], [n for n in names if n in plotted])
-        return info + note, self.label_value(result), windows, plot, pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+        table = pd.DataFrame([(n, m, round(v, 4)) for n, m, v in rows], columns=COMPARISON_COLUMNS)
+        return info + note, self.label_value(result), windows, plot, table
 
     @staticmethod
     def _decision(result: Classification) -> str:

@@ -119,7 +119,7 @@ def build_adapt_tab(service: AudioScribe, domain: gr.State, annotations: Annotat
                             elem_id="adapt-audio")
             compare = gr.Button("Caption before and after", elem_id="adapt-compare")
             table = gr.Dataframe(headers=COMPARE_COLUMNS, label="Default vs domain", interactive=False, wrap=True,
-                                 elem_id="adapt-compare-table")
+                                 column_widths=["22%", "39%", "39%"], elem_id="adapt-compare-table")
     build.click(gpu(handlers.build), [files, queue, name], [status, domain], api_name="build_domain",
                 api_description="Build a domain (datastore + projection support) for this session from caption "
                                 "files and the captions accepted in an annotation queue",

@@ -241,7 +241,11 @@ def suggestion_markdown(suggestion: Suggestion, models: ModelVersions) -> str:
     if best:
         scored = ", ".join(f"{name} {score:.2f}" for name, score in best)
         lines.append(f"**Labels ({suggestion.label_source}):** {scored}")
-    lines.append(f"<small>{models.describe()}</small>")
+    from app.ui import display_name  # the page never shows server paths (imported here: app.ui imports this module)
+
+    shown = replace(models, clap_name=display_name(models.clap_name), llm=display_name(models.llm),
+                    decoder=display_name(models.decoder))
+    lines.append(f"<small>{shown.describe()}</small>")
     return "  \n".join(lines)
 
 
