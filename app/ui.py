@@ -107,6 +107,14 @@ def readiness_markdown(service: AudioScribe) -> str:
     return ""
 
 
+def service_status(service: AudioScribe) -> dict:
+    """The engine's status for API clients, without server paths."""
+    status = service.status()
+    for key in ("clap",):
+        status[key] = display_name(str(status[key]))
+    return status
+
+
 def build_readiness(service: AudioScribe) -> None:
     """A status line polled every 2 s while something loads in the background; it stops when all is ready."""
     status = gr.Markdown(readiness_markdown(service), elem_id="readiness")
@@ -144,6 +152,11 @@ def build_demo(service: AudioScribe) -> gr.Blocks:
             gr.Markdown("The server's active configuration (read-only).")
             gr.Code(public_config(service), language="json", label="Configuration", elem_id="configuration")
         build_readiness(service)
+        def status() -> dict:
+            return service_status(service)
+
+        gr.api(status, api_name="status",
+               api_description="What the server runs and whether it is ready (readiness: building, ready or failed)")
         demo.load(None, None, None, js=KEYBOARD_JS, api_visibility="private")  # the Annotate tab's shortcuts
     return demo
 

@@ -97,6 +97,24 @@ def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float)
     raise TimeoutError(f"the app did not answer at {url} within {timeout_s:.0f} s:\n{tail(log)}")
 
 
+def wait_engine_ready(url: str, timeout_s: float) -> None:
+    """Wait until the engine has finished loading in the background (a datastore the app builds on first start):
+    requests before that are refused by design and would count as errors of the load run."""
+    client = Client(url, verbose=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            status = client.predict(api_name="/status")
+            if status.get("readiness") == "ready":
+                return
+            if status.get("readiness") == "failed":
+                raise RuntimeError(f"the app failed to load: {status.get('readiness_message')}")
+            time.sleep(1.0)
+    finally:
+        client.close()
+    raise TimeoutError(f"the app was not ready within {timeout_s:.0f} s")
+
+
 def tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
@@ -131,6 +149,7 @@ def running_app(profile: str, overrides: Sequence[str], log: Path, start_timeout
     try:
         url = f"http://{HOST}:{port}/"
         wait_ready(process, url, log, start_timeout_s)
+        wait_engine_ready(url, start_timeout_s)
         yield process, url
     finally:
         stop(process)
