@@ -16,6 +16,7 @@ from app.tabs.adapt import build_adapt_tab
 from app.tabs.annotate import KEYBOARD_JS, AnnotateHandlers, build_annotate_tab, build_export_tab
 from app.tabs.caption import build_caption_tab
 from app.tabs.classify import build_classify_tab
+from app.tabs.common import display_name
 from engine.config import config_to_dict
 from engine.service import AudioScribe
 
@@ -31,15 +32,6 @@ KNOWS_NOTE = (
     "corpus get the nearest thing it knows, with confidence it has not earned. Real-world audio needs a server "
     "running a general CLAP (LAION-CLAP or DRCap).</div>"
 )
-
-
-def display_name(name: str) -> str:
-    """A model's name for the page: a hub id as it is; a local folder by its last two parts, never its full path
-    (which tells a browser user nothing and shows the server's home folder)."""
-    path = Path(name).expanduser()
-    if not (path.is_absolute() or name.startswith(("~", ".")) or path.exists()):
-        return name
-    return "/".join(path.parts[-2:])
 
 
 def display_profile(profile: str) -> str:

@@ -76,3 +76,22 @@ def run_module_with_peak_rss(
     )  # fmt: skip
     assert peak_file.is_file(), f"the child reported no peak RSS; stderr: {done.stderr[-2000:]}"
     return done, int(peak_file.read_text()) / 1024
+
+
+def tiny_app_config(root: Path, clap_dir: Path, llm_dir: Path | None, captions: int = 500, *,
+                    num_beams: int = 1, max_new_tokens: int = 8):
+    """An AppConfig serving the tiny random models on the first ``captions`` shipped captions (written under
+    ``root``), cached under ``root``; without ``llm_dir`` captioning is off. The app and handler tests share it."""
+    from engine.config import AppConfig
+
+    source = root / "captions.txt"
+    source.write_text("\n".join(small_caption_set(captions)) + "\n")
+    config = AppConfig(cache_dir=str(root / "cache"))
+    config.clap.model, config.clap.device = str(clap_dir), "cpu"
+    config.datastore.sources = [str(source)]
+    if llm_dir is None:
+        config.caption.enabled = False
+    else:
+        config.llm.model = str(llm_dir)
+    config.caption.num_beams, config.caption.max_new_tokens = num_beams, max_new_tokens
+    return config

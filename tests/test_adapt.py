@@ -7,9 +7,8 @@ import soundfile as sf
 from gradio.exceptions import Error as GradioError
 
 from app.tabs.adapt import AdaptHandlers
-from engine.config import AppConfig
 from engine.service import AudioScribe
-from tests.helpers import noise_clip, small_caption_set
+from tests.helpers import noise_clip, tiny_app_config
 
 
 def no_progress(*args, **kwargs) -> None:
@@ -18,12 +17,7 @@ def no_progress(*args, **kwargs) -> None:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_clap_dir, tiny_llama_dir) -> AudioScribe:
-    root = tmp_path_factory.mktemp("adapt")
-    (root / "captions.txt").write_text("\n".join(small_caption_set(200)) + "\n")
-    config = AppConfig(cache_dir=str(root / "cache"))
-    config.clap.model, config.clap.device, config.llm.model = str(tiny_clap_dir), "cpu", str(tiny_llama_dir)
-    config.datastore.sources = [str(root / "captions.txt")]
-    config.caption.num_beams, config.caption.max_new_tokens = 1, 6
+    config = tiny_app_config(tmp_path_factory.mktemp("adapt"), tiny_clap_dir, tiny_llama_dir, 200, max_new_tokens=6)
     return AudioScribe.from_config(config, show_progress=False)
 
 

@@ -9,9 +9,9 @@ from gradio_client.exceptions import AppError
 
 from app.charts import chart_values
 from app.ui import build_demo
-from engine.config import AppConfig, load_config
+from engine.config import load_config
 from engine.service import AudioScribe
-from tests.helpers import noise_clip, small_caption_set
+from tests.helpers import noise_clip, tiny_app_config
 
 
 @pytest.fixture(scope="module", params=["tiny", "bundle"])
@@ -21,12 +21,7 @@ def service(request, tmp_path_factory, tiny_clap_dir, tiny_llama_dir) -> AudioSc
     if request.param == "bundle":
         config = load_config("offline", [f"cache_dir={root / 'cache'}"], environ={})
     else:
-        captions = root / "captions.txt"
-        captions.write_text("\n".join(small_caption_set(500)) + "\n")
-        config = AppConfig(cache_dir=str(root / "cache"))
-        config.clap.model, config.clap.device = str(tiny_clap_dir), "cpu"
-        config.datastore.sources = [str(captions)]
-        config.llm.model = str(tiny_llama_dir)
+        config = tiny_app_config(root, tiny_clap_dir, tiny_llama_dir)
     config.caption.num_beams, config.caption.max_new_tokens = 1, 8
     t = config.tuning
     t.prompt_len, t.epochs, t.min_texts_per_class, t.max_texts_per_class = 4, 2, 4, 12

@@ -14,10 +14,9 @@ import torch
 from gradio_client import Client, handle_file
 
 from app.ui import build_demo
-from engine.config import AppConfig
 from engine.prompt_tuning import PromptedClassifier
 from engine.service import AudioScribe
-from tests.helpers import noise_clip, small_caption_set
+from tests.helpers import noise_clip, tiny_app_config
 
 CLASSES = "dog, rain, car, bird, water, music, engine, speech"
 
@@ -25,12 +24,7 @@ CLASSES = "dog, rain, car, bird, water, music, engine, speech"
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_clap_dir) -> AudioScribe:
     root = tmp_path_factory.mktemp("concurrency")
-    captions = root / "captions.txt"
-    captions.write_text("\n".join(small_caption_set(2000)) + "\n")
-    config = AppConfig(cache_dir=str(root / "cache"))
-    config.clap.model, config.clap.device = str(tiny_clap_dir), "cpu"
-    config.datastore.sources = [str(captions)]
-    config.caption.enabled = False
+    config = tiny_app_config(root, tiny_clap_dir, None, captions=2000)
     t = config.tuning
     # Long enough that several classifications happen during one run; dropout on, as AFPT tunes (the tiny CLAP has
     # dropout 0.1, so a tower left in train mode would change every score).

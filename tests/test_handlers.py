@@ -24,10 +24,9 @@ from app.tabs.common import headline_label
 from app.tuning_report import selection_counts
 from app.ui import display_name
 from engine.audio import Window
-from engine.config import AppConfig
 from engine.prompt_tuning import PROMPTS_FILE, TunedPrompts
 from engine.service import AudioScribe
-from tests.helpers import noise_clip, small_caption_set
+from tests.helpers import noise_clip, tiny_app_config
 
 CLASSES = "dog\nrain\nsiren"
 
@@ -35,13 +34,7 @@ CLASSES = "dog\nrain\nsiren"
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_clap_dir, tiny_llama_dir) -> AudioScribe:
     root = tmp_path_factory.mktemp("handlers")
-    captions = root / "captions.txt"
-    captions.write_text("\n".join(small_caption_set(500)) + "\n")
-    config = AppConfig(cache_dir=str(root / "cache"))
-    config.clap.model, config.clap.device = str(tiny_clap_dir), "cpu"
-    config.datastore.sources = [str(captions)]
-    config.llm.model = str(tiny_llama_dir)
-    config.caption.num_beams, config.caption.max_new_tokens = 1, 8
+    config = tiny_app_config(root, tiny_clap_dir, tiny_llama_dir)
     t = config.tuning
     t.prompt_len, t.epochs, t.min_texts_per_class, t.max_texts_per_class = 4, 2, 4, 12
     return AudioScribe.from_config(config, show_progress=False)

@@ -5,7 +5,6 @@ and caption one clip before and after. A domain belongs to the session that buil
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd

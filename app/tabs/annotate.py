@@ -17,7 +17,7 @@ import pandas as pd
 
 from app.gpu import gpu
 from app.handlers import user_errors
-from app.tabs.common import HEAVY, LIGHT
+from app.tabs.common import HEAVY, LIGHT, display_name
 from engine.annotations import (
     AnnotationStore,
     Clip,
@@ -241,8 +241,6 @@ def suggestion_markdown(suggestion: Suggestion, models: ModelVersions) -> str:
     if best:
         scored = ", ".join(f"{name} {score:.2f}" for name, score in best)
         lines.append(f"**Labels ({suggestion.label_source}):** {scored}")
-    from app.ui import display_name  # the page never shows server paths (imported here: app.ui imports this module)
-
     shown = replace(models, clap_name=display_name(models.clap_name), llm=display_name(models.llm),
                     decoder=display_name(models.decoder))
     lines.append(f"<small>{shown.describe()}</small>")

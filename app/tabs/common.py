@@ -21,6 +21,15 @@ LIGHT: dict[str, Any] = {"concurrency_id": "light", "concurrency_limit": None, "
 UI_ONLY: dict[str, Any] = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
 
 
+def display_name(name: str) -> str:
+    """A model's name for the page: a hub id as it is; a local folder by its last two parts, never its full path
+    (which tells a browser user nothing and shows the server's home folder)."""
+    path = Path(name).expanduser()
+    if not (path.is_absolute() or name.startswith(("~", ".")) or path.exists()):
+        return name
+    return "/".join(path.parts[-2:])
+
+
 def example_clips() -> list[list[str]]:
     """The shipped example clips (assets/examples; their sources and licenses are in its README)."""
     return [[str(p)] for p in sorted(EXAMPLES_DIR.iterdir()) if p.suffix in (".wav", ".ogg", ".flac")]
@@ -45,4 +54,4 @@ def headline_label(**kwargs: Any) -> gr.Label:
     return label
 
 
-__all__ = ["HEAVY", "HEAVY_LIMIT", "LIGHT", "UI_ONLY", "headline_label", "example_clips"]
+__all__ = ["display_name", "HEAVY", "HEAVY_LIMIT", "LIGHT", "UI_ONLY", "headline_label", "example_clips"]
