@@ -24,6 +24,7 @@ from app.charts import TUNED, ZERO_SHOT, comparison_chart, timeline_chart
 from app.tuning_report import tuning_report
 from engine.audio import Audio, Window
 from engine.captioner import ClipCaptions, Domain
+from engine.clap.base import WindowEmbeddings
 from engine.classifier import Classification, parse_class_names
 from engine.config import CaptionConfig
 from engine.errors import AudioScribeError, ClassifierInputError
@@ -179,18 +180,21 @@ class CaptionHandlers(ServiceHandlers):
                 raise gr.Error(f"{name} must be {low}-{high}, got {value}")
         return replace(self.service.config.caption, num_beams=values["Beams"], max_new_tokens=values["Max new tokens"])
 
-    def _labels(self, audio: Audio, label_text: str | None, domain: Domain | None = None) -> Classification:
+    def _labels(self, audio: Audio, label_text: str | None, domain: Domain | None,
+                embedded: WindowEmbeddings) -> Classification:
         names = parse_class_names(label_text or "") or parse_class_names(default_class_names(self.service))
-        return self.service.classify(audio, names, multi_label=False, domain=domain)
+        return self.service.classify(audio, names, multi_label=False, domain=domain, embedded=embedded)
 
     @user_errors
     def retrieve(self, audio_path: str | None, k: float, label_text: str | None = None, domain: Domain | None = None
                  ) -> tuple[str, pd.DataFrame, pd.DataFrame, object]:
         """Audio -> (info line, top-k captions for the clip, timeline table of best retrieved captions, plot)."""
         audio = self._load(audio_path)
-        found = self.service.retrieve(audio, int(k), domain=domain)
+        embedded = self.service.embed(audio)  # the request's one audio-tower pass
+        found = self.service.retrieve(audio, int(k), domain=domain, embedded=embedded)
         clip = pd.DataFrame(top_caption_rows(found.clip), columns=CAPTION_COLUMNS)
-        table, plot = timeline(self._labels(audio, label_text, domain), [c[0] for c in found.per_window.captions])
+        table, plot = timeline(self._labels(audio, label_text, domain, embedded),
+                               [c[0] for c in found.per_window.captions])
         info = (describe_audio(audio) + self._window_lines(found.windows)
                 + "  \nTimeline captions: the best retrieved caption per window.")
         return info, clip, table, plot
@@ -203,9 +207,11 @@ class CaptionHandlers(ServiceHandlers):
         cfg = self.service.config.caption
         settings = self.generation_settings(num_beams or cfg.num_beams, max_new_tokens or cfg.max_new_tokens)
         audio = self._load(audio_path)
-        found = self.service.retrieve(audio, int(k), domain=domain)
-        captions = self.service.caption(audio, domain=domain, settings=settings) if cfg.enabled else None
-        labels = self._labels(audio, label_text, domain)
+        embedded = self.service.embed(audio)  # the request's one audio-tower pass
+        found = self.service.retrieve(audio, int(k), domain=domain, embedded=embedded)
+        captions = (self.service.caption(audio, domain=domain, settings=settings, embedded=embedded)
+                    if cfg.enabled else None)
+        labels = self._labels(audio, label_text, domain, embedded)
         per_window = [window_caption(captions, w) or found.per_window.captions[i][0]
                       for i, w in enumerate(labels.windows)]
         table, plot = timeline(labels, per_window)
@@ -240,13 +246,15 @@ class ClassifyHandlers(ServiceHandlers):
         audio = self._load(audio_path)
         names = parse_class_names(class_text or "")
         templates = [t for t in (template_text or "").splitlines() if t.strip()] or None
+        # One audio-tower pass serves zero-shot and tuned scores (frames only when tuned prompts will use them).
+        embedded = self.service.embed(audio, frames=tuned is not None and tuned.is_for(names))
         result = self.service.classify(audio, names, templates, multi_label=multi_label, threshold=threshold,
-                                       domain=domain)
+                                       domain=domain, embedded=embedded)
         windows = pd.DataFrame([(span(w), top_labels(names, result.window_scores[i]))
                                 for i, w in enumerate(result.windows)], columns=WINDOW_CLASS_COLUMNS)
         info = describe_audio(audio) + f" — {len(names)} classes, {self._decision(result)}"
         info += self._window_lines(result.windows)
-        tuned_scores, note = self._tuned_scores(audio, names, tuned)
+        tuned_scores, note = self._tuned_scores(audio, names, tuned, embedded)
         rows = [(n, ZERO_SHOT, float(s)) for n, s in zip(names, result.scores)]
         if tuned_scores is not None:
             rows += [(n, TUNED, float(s)) for n, s in zip(names, tuned_scores)]
@@ -275,13 +283,13 @@ class ClassifyHandlers(ServiceHandlers):
         return {"label": headline, "confidences": [{"label": result.class_names[i],
                                                     "confidence": float(result.scores[i])} for i in best]}
 
-    def _tuned_scores(self, audio: Audio, names: list[str], tuned: TunedPrompts | None
-                      ) -> tuple[np.ndarray | None, str]:
+    def _tuned_scores(self, audio: Audio, names: list[str], tuned: TunedPrompts | None,
+                      embedded: WindowEmbeddings) -> tuple[np.ndarray | None, str]:
         if tuned is None:
             return None, ""
-        if [n.casefold() for n in tuned.class_names] != [n.casefold() for n in names]:
+        if not tuned.is_for(names):
             return None, "  \nThe tuned prompts are for other class names: press *Tune prompts* again."
-        return self.service.classify_tuned(audio, tuned).scores["combined"], ""
+        return self.service.classify_tuned(audio, tuned, embedded).scores["combined"], ""
 
     @staticmethod
     def _plotted_classes(names: list[str], zero_shot: np.ndarray, tuned: np.ndarray | None) -> set[str]:

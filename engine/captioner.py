@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.audio import Audio, Window
-from engine.clap.base import ClapBackend, pool_windows
+from engine.clap.base import ClapBackend, WindowEmbeddings, pool_windows
 from engine.clap.checkpoints import failure_reason, model_load_errors, read_safetensors, torch_load_tensors
 from engine.config import AppConfig, CaptionConfig
 from engine.datastore import CaptionDatastore
@@ -190,10 +190,19 @@ class Captioner:
     def caption_clips(self, audios: Sequence[Audio], domain: Domain | None = None,
                       settings: CaptionConfig | None = None) -> list[ClipCaptions]:
         """Captions for whole clips and, for clips with several windows, each window; one batched pass."""
-        cfg = settings or self.config
         timings: dict[str, float] = {}
         with _timer(timings, "clap"):
             embedded = self.clap.embed_windows(list(audios))
+        return self.caption_embedded(embedded, domain, settings, timings)
+
+    def caption_embedded(self, embedded: Sequence[WindowEmbeddings], domain: Domain | None = None,
+                         settings: CaptionConfig | None = None, timings: dict[str, float] | None = None
+                         ) -> list[ClipCaptions]:
+        """Captions for clips already embedded (one audio-tower pass, shared with retrieval and classification):
+        the whole clip and, for clips with several windows, each window; all rows in as few LLM batches as
+        ``caption.batch_size`` allows."""
+        cfg = settings or self.config
+        timings = timings if timings is not None else {}
         segments = [merge_windows(e.windows, e.embeddings, cfg.max_window_captions) for e in embedded]
         rows, owners = [], []  # which clip (and segment) each embedding row belongs to
         for i, (clip, (windows, vectors)) in enumerate(zip(embedded, segments)):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from engine.audio import Audio, Window
-from engine.clap.base import ClapBackend, l2_normalize
+from engine.clap.base import ClapBackend, WindowEmbeddings, l2_normalize
 from engine.errors import ClassifierInputError
 
 DEFAULT_TEMPLATES = ("This is a sound of {}.",)
@@ -146,9 +146,11 @@ class Classification:
 
 
 def classify_audio(clap: ClapBackend, classifier: ZeroShotClassifier, audio: Audio, *, multi_label: bool = False,
-                   threshold: float = 0.5, bias: float = 0.0) -> Classification:
-    """Score one clip against the classifier, pooled over its windows and window by window."""
-    embedded = clap.embed_windows([audio])[0]
+                   threshold: float = 0.5, bias: float = 0.0, embedded: WindowEmbeddings | None = None
+                   ) -> Classification:
+    """Score one clip against the classifier, pooled over its windows and window by window (``embedded``: the
+    clip's embeddings when the caller already has them)."""
+    embedded = embedded or clap.embed_windows([audio])[0]
     clip = embedded.pooled.unsqueeze(0)  # [1, D]
     return Classification(
         class_names=classifier.class_names,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from engine.atomic import atomic_write, atomic_write_text
 from engine.audio import Audio, Window
-from engine.clap.base import ClapBackend, TextTower, TokenizedText
+from engine.clap.base import ClapBackend, TextTower, TokenizedText, WindowEmbeddings
 from engine.config import PromptTuningConfig
 from engine.errors import AudioScribeError, ClassifierInputError, ModelLoadError
 
@@ -225,6 +225,10 @@ class TunedPrompts:
     clap_fingerprint: str
     report: dict = field(default_factory=dict)  # texts per class, losses per epoch, time
 
+    def is_for(self, class_names: Sequence[str]) -> bool:
+        """True when these prompts were tuned for exactly these class names, in this order (case aside)."""
+        return [n.casefold() for n in self.class_names] == [n.casefold() for n in class_names]
+
     def content_key(self) -> str:
         """A hash of everything that determines the class embeddings (for caching them)."""
         import hashlib
@@ -316,13 +320,15 @@ class PromptedClassifier:
         z, zf = self.tau * coarse_cos, self.tau * fine_cos
         return {"coarse": z.softmax(-1).numpy(), "fine": zf.softmax(-1).numpy(), "combined": (z + zf).softmax(-1).numpy()}
 
-    def classify(self, audio: Audio) -> TunedClassification:
-        """Scores for the whole clip (pooled clip embedding; all frames of all windows) and per window."""
-        embedded = self.clap.embed_windows([audio])[0]
-        windows, frames = self.clap.embed_frames(audio)
+    def classify(self, audio: Audio, embedded: WindowEmbeddings | None = None) -> TunedClassification:
+        """Scores for the whole clip (pooled clip embedding; all frames of all windows) and per window, from one
+        audio-tower pass (``embedded`` with frames, when the caller already made it)."""
+        if embedded is None or embedded.frames is None:
+            embedded = self.clap.embed_windows([audio], frames=True)[0]
+        frames = embedded.frames
         clip = self.scores(embedded.pooled, torch.cat(frames))
-        per_window = [self.scores(embedded.embeddings[i], frames[i])["combined"] for i in range(len(windows))]
-        return TunedClassification(self.prompts.class_names, clip, windows, np.stack(per_window))
+        per_window = [self.scores(embedded.embeddings[i], frames[i])["combined"] for i in range(len(frames))]
+        return TunedClassification(self.prompts.class_names, clip, embedded.windows, np.stack(per_window))
 
 
 @dataclass

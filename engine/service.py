@@ -20,7 +20,7 @@ from engine.audio import Audio, AudioSource, Window, load_audio
 from engine.annotations import ModelVersions, Suggestion
 from engine.captioner import Captioner, ClipCaptions, Domain
 from engine.clap import ClapBackend, create_clap
-from engine.clap.base import serving_state_ok
+from engine.clap.base import WindowEmbeddings, serving_state_ok
 from engine.classifier import Classification, ZeroShotClassifier, build_zero_shot_classifier, classify_audio
 from engine.config import AppConfig, CaptionConfig
 from engine.datastore import CaptionDatastore, SearchResult, is_datastore
@@ -136,23 +136,30 @@ class AudioScribe:
         """Decode any supported input to mono float32 at the CLAP's sample rate, within the duration limit."""
         return load_audio(source, self.clap.sample_rate, max_duration_s=self.config.audio.max_duration_s)
 
-    def retrieve(self, audio: Audio, k: int | None = None, domain: Domain | None = None) -> Retrieval:
+    def embed(self, audio: Audio, frames: bool = False) -> WindowEmbeddings:
+        """One pass of the audio tower over the clip: window and pooled embeddings (and with ``frames`` the frame
+        embeddings tuned prompts score). Every operation below takes it as ``embedded``, so a request that
+        retrieves, captions and classifies one clip runs the audio tower once."""
+        return self.clap.embed_windows([audio], frames=frames)[0]
+
+    def retrieve(self, audio: Audio, k: int | None = None, domain: Domain | None = None,
+                 embedded: WindowEmbeddings | None = None) -> Retrieval:
         """Top-k datastore captions for the clip and for each of its windows."""
         store = self._store(domain)
-        embedded = self.clap.embed_windows([audio])[0]
+        embedded = embedded or self.embed(audio)
         k = k or self.config.datastore.top_k
         return Retrieval(clip=store.search(embedded.pooled.unsqueeze(0), k), windows=embedded.windows,
                          per_window=store.search(embedded.embeddings, k))
 
-    def caption(self, audio: Audio, domain: Domain | None = None, settings: CaptionConfig | None = None
-                ) -> ClipCaptions:
+    def caption(self, audio: Audio, domain: Domain | None = None, settings: CaptionConfig | None = None,
+                embedded: WindowEmbeddings | None = None) -> ClipCaptions:
         """DRCap captions for the clip (and per window for long clips); ``domain`` and ``settings`` apply to this
         request only."""
         if self.captioner is None:
             if self.config.caption.enabled and self.readiness.state == "building":
                 raise NotReadyError(f"The captioner is not ready yet: {self.readiness.describe()}")
             raise ModelLoadError("Captioning is off in this profile (caption.enabled = false)")
-        return self.captioner.caption(audio, domain, settings)
+        return self.captioner.caption_embedded([embedded or self.embed(audio)], domain, settings)[0]
 
     def classifier(self, class_names: Sequence[str], templates: Sequence[str] | None = None,
                    domain: Domain | None = None) -> ZeroShotClassifier:
@@ -165,11 +172,11 @@ class AudioScribe:
 
     def classify(self, audio: Audio, class_names: Sequence[str], templates: Sequence[str] | None = None, *,
                  multi_label: bool | None = None, threshold: float | None = None,
-                 domain: Domain | None = None) -> Classification:
+                 domain: Domain | None = None, embedded: WindowEmbeddings | None = None) -> Classification:
         cfg = self.config.classify
         return classify_audio(self.clap, self.classifier(class_names, templates, domain), audio,
                               multi_label=cfg.multi_label if multi_label is None else multi_label,
-                              threshold=cfg.threshold if threshold is None else threshold)
+                              threshold=cfg.threshold if threshold is None else threshold, embedded=embedded)
 
     def select_tuning_texts(self, class_names: Sequence[str], descriptions: dict[str, list[str]] | None = None,
                             domain: Domain | None = None):
@@ -199,8 +206,10 @@ class AudioScribe:
         prompts.report["selection"] = selection.format_report()
         return prompts
 
-    def classify_tuned(self, audio: Audio, prompts: TunedPrompts) -> TunedClassification:
-        return self._prompted_classifier(prompts).classify(audio)
+    def classify_tuned(self, audio: Audio, prompts: TunedPrompts, embedded: WindowEmbeddings | None = None
+                       ) -> TunedClassification:
+        """Scores from tuned prompts; ``embedded`` must hold frame embeddings (``embed(audio, frames=True)``)."""
+        return self._prompted_classifier(prompts).classify(audio, embedded)
 
     def _prompted_classifier(self, prompts: TunedPrompts) -> PromptedClassifier:
         """Class embeddings of a prompt set are computed once, not per clip (seconds for a large CLAP). Keyed by the
@@ -226,15 +235,16 @@ class AudioScribe:
         exactly these class names; otherwise zero-shot. Single-label: the best label; multi-label: those above the
         threshold, at most ``labels``."""
         store = domain.datastore if domain else self.datastore
-        retrieved = tuple(self.retrieve(audio, 3, domain).clip.captions[0]) if store is not None else ()
-        caption = self.caption(audio, domain).clip.caption if self.captioner is not None else ""
         names = list(class_names)
-        use_tuned = tuned is not None and [n.casefold() for n in tuned.class_names] == [n.casefold() for n in names]
+        use_tuned = tuned is not None and tuned.is_for(names)
+        embedded = self.embed(audio, frames=use_tuned)  # the one audio-tower pass of this request
+        retrieved = tuple(self.retrieve(audio, 3, domain, embedded).clip.captions[0]) if store is not None else ()
+        caption = self.caption(audio, domain, embedded=embedded).clip.caption if self.captioner is not None else ""
         if use_tuned:
-            scores = self.classify_tuned(audio, tuned).as_dict()
+            scores = self.classify_tuned(audio, tuned, embedded).as_dict()
             chosen = [max(scores, key=scores.get)]
         else:
-            result = self.classify(audio, names, domain=domain)
+            result = self.classify(audio, names, domain=domain, embedded=embedded)
             scores, chosen = result.as_dict(), result.predicted()
         chosen = sorted(chosen, key=scores.get, reverse=True)[:labels]
         suggestion = Suggestion(caption, retrieved, tuple(chosen), scores, "tuned" if use_tuned else "zero-shot")

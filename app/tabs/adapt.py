@@ -81,10 +81,12 @@ class AdaptHandlers:
         if domain is None:
             raise DatastoreError("Build or choose a domain first: the comparison is default vs your domain")
         audio = self.service.load(audio_path)
+        embedded = self.service.embed(audio)  # one audio pass for both domains: only the captions differ
         rows = []
         for label, chosen in (("default", None), (f"domain {domain.name}", domain)):
-            found = self.service.retrieve(audio, 1, domain=chosen).clip.captions[0][0]
-            generated = self.service.caption(audio, domain=chosen).clip.caption if self.service.captioner else ""
+            found = self.service.retrieve(audio, 1, domain=chosen, embedded=embedded).clip.captions[0][0]
+            generated = (self.service.caption(audio, domain=chosen, embedded=embedded).clip.caption
+                         if self.service.captioner else "")
             rows.append((label, generated or "(captioning is off)", found))
         return pd.DataFrame(rows, columns=COMPARE_COLUMNS)
 

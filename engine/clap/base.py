@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -18,16 +19,19 @@ import torch
 
 from engine.audio import Audio, Window, split_windows
 from engine.config import AudioConfig
+from engine.distributed import cuda_device_count, device_for_rank
 from engine.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class WindowEmbeddings:
-    """The embeddings of one clip's windows and their pooled clip embedding."""
+    """The embeddings of one clip's windows and their pooled clip embedding: everything describe, classify and
+    tuned classify need, from one pass of the audio tower (frames only when asked for)."""
 
     windows: list[Window]
     embeddings: torch.Tensor  # [W, D] unit-norm, one row per window
     pooled: torch.Tensor  # [D] unit-norm: mean of the window vectors, renormalised
+    frames: list[torch.Tensor] | None = None  # per window [T_w, D] unit-norm frame embeddings (fine prompts)
 
 
 @dataclass
@@ -161,13 +165,9 @@ def pool_windows(window_embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"clap.device is {device!r} but this machine has no usable CUDA device; use 'auto' or 'cpu'")
-    return resolved
+    """'auto' picks a CUDA device when there is one, else the CPU; under torchrun / accelerate launch "auto" and
+    "cuda" mean this rank's own GPU (engine.distributed.device_for_rank)."""
+    return device_for_rank(device, os.environ, cuda_device_count())
 
 
 def fingerprint_tensors(tensors: Iterable[torch.Tensor], *extra: str) -> str:
@@ -217,19 +217,20 @@ class ClapBackend(ABC):
         """Access to the text branch for prompt tuning; backends that support it override this."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its text tower")
 
+    def _embed_window_and_frame_batch(self, windows: Sequence[np.ndarray]
+                                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Windows -> ([B, D] window embeddings, per window [T, D] frame embeddings), all float32 unit-norm on the
+        CPU, from ONE forward pass of the audio tower (both come from its last feature map)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose frame-level audio embeddings")
+
     def _embed_frame_batch(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Windows -> per window [T, D] float32 unit-norm frame embeddings (time order) on the CPU."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose frame-level audio embeddings")
+        return self._embed_window_and_frame_batch(windows)[1]
 
     def embed_frames(self, clip: Audio | np.ndarray) -> tuple[list[Window], list[torch.Tensor]]:
         """Frame-level embeddings of each window of one clip: (windows, [[T_w, D] per window])."""
-        self._check_window_config()
-        pieces, windows = split_windows(clip, self.sample_rate, window_s=self.audio_config.window_s,
-                                        hop_s=self.audio_config.hop_s, last_window=self.audio_config.last_window)
-        frames: list[torch.Tensor] = []
-        for i in range(0, len(pieces), self.batch_size):
-            frames.extend(self._embed_frame_batch(pieces[i:i + self.batch_size]))
-        return windows, frames
+        embedded = self.embed_windows([clip], frames=True)[0]
+        return embedded.windows, embedded.frames
 
     # --- shared behaviour ----------------------------------------------------------------------------------------
 
@@ -257,9 +258,10 @@ class ClapBackend(ABC):
         embedded[torch.tensor(order)] = torch.cat(chunks)
         return embedded
 
-    def embed_windows(self, clips: Sequence[Audio | np.ndarray], batch_size: int | None = None
-                      ) -> list[WindowEmbeddings]:
-        """Per-window and pooled embeddings of each clip (clips are mono float32 at ``sample_rate``).
+    def embed_windows(self, clips: Sequence[Audio | np.ndarray], batch_size: int | None = None,
+                      frames: bool = False) -> list[WindowEmbeddings]:
+        """Per-window and pooled embeddings of each clip (clips are mono float32 at ``sample_rate``), and with
+        ``frames`` the frame embeddings of each window too, from the same forward pass.
 
         Windows of all clips are batched together, so many short clips cost as few forward passes as possible.
         """
@@ -273,13 +275,22 @@ class ClapBackend(ABC):
                                           hop_s=self.audio_config.hop_s, last_window=self.audio_config.last_window))
         flat = [w for pieces, _ in per_clip for w in pieces]
         size = batch_size or self.batch_size
-        vectors = torch.cat([self._embed_window_batch(flat[i:i + size]) for i in range(0, len(flat), size)]) \
-            if flat else torch.empty(0, self.embedding_dim)
+        batches = [flat[i:i + size] for i in range(0, len(flat), size)]
+        frame_rows: list[torch.Tensor] = []
+        if frames:
+            outputs = [self._embed_window_and_frame_batch(batch) for batch in batches]
+            vector_parts = [vectors for vectors, _ in outputs]
+            frame_rows = [f for _, per_window in outputs for f in per_window]
+        else:
+            vector_parts = [self._embed_window_batch(batch) for batch in batches]
+        vectors = torch.cat(vector_parts) if flat else torch.empty(0, self.embedding_dim)
         results, offset = [], 0
         for pieces, windows in per_clip:
             rows = vectors[offset:offset + len(pieces)]  # [W, D]
+            clip_frames = frame_rows[offset:offset + len(pieces)] if frames else None
             offset += len(pieces)
-            results.append(WindowEmbeddings(windows=windows, embeddings=rows, pooled=pool_windows(rows)))
+            results.append(WindowEmbeddings(windows=windows, embeddings=rows, pooled=pool_windows(rows),
+                                            frames=clip_frames))
         return results
 
     def embed_audio(self, clips: Sequence[Audio | np.ndarray], batch_size: int | None = None) -> torch.Tensor:

@@ -271,11 +271,12 @@ class DemoClapBackend(ClapBackend):
         clip, _, _ = self._run_audio(windows)
         return l2_normalize(clip).cpu()  # [B, D]
 
-    def _embed_frame_batch(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    def _embed_window_and_frame_batch(self, windows: Sequence[np.ndarray]
+                                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Frames of ~0.32 s (16 mel hops); padding frames are dropped."""
-        _, frames, mask = self._run_audio(windows)
+        clip, frames, mask = self._run_audio(windows)
         frames = l2_normalize(frames).cpu()
-        return [frames[i][mask[i].cpu()] for i in range(len(windows))]
+        return l2_normalize(clip).cpu(), [frames[i][mask[i].cpu()] for i in range(len(windows))]
 
     @torch.inference_mode()
     def _embed_text_batch(self, texts: Sequence[str]) -> torch.Tensor:

@@ -727,9 +727,14 @@ class DrcapClapBackend(ClapBackend):
         projected = self.model.audio_proj(self._frame_features(windows))
         return (l2_normalize(projected) if normalize else projected.float()).cpu()
 
-    def _embed_frame_batch(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """32 frames per window (HTSAT's final map averaged over its 2 frequency groups), projected, unit-norm."""
-        return list(self.frame_embeddings(windows))
+    @torch.inference_mode()
+    def _embed_window_and_frame_batch(self, windows: Sequence[np.ndarray]
+                                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """32 frames per window (HTSAT's final map averaged over its 2 frequency groups), projected, unit-norm; the
+        window embedding projects their mean, as :meth:`_embed_window_batch`."""
+        features = self._frame_features(windows)  # [B, 32, C]
+        clips = l2_normalize(self.model.audio_proj(features.mean(dim=1))).cpu()  # [B, D]
+        return clips, list(l2_normalize(self.model.audio_proj(features)).cpu())
 
     def text_tower(self) -> EncoderTextTower:
         """RoBERTa (no pooler) + ``text_proj``; sentence feature = the ``<s>`` state, as ASE.encode_text."""

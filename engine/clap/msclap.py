@@ -488,10 +488,15 @@ class MsClapBackend(ClapBackend):
         return l2_normalize(self.model.audio_encoder.projection(features)).cpu()  # [B, D]
 
     @torch.inference_mode()
-    def _embed_frame_batch(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """AFPT's frame embeddings: 19 per 5-s window (each about 0.26 s of the tiled window), unit-norm."""
-        frames = self.model.cnn14.frame_features(self._feature_map(windows))  # [B, T, out_emb]
-        return list(l2_normalize(self.model.audio_encoder.projection(frames)).cpu())
+    def _embed_window_and_frame_batch(self, windows: Sequence[np.ndarray]
+                                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """AFPT's frame embeddings: 19 per 5-s window (each about 0.26 s of the tiled window), unit-norm; the window
+        embedding from the same feature map."""
+        feature_map = self._feature_map(windows)
+        projection = self.model.audio_encoder.projection
+        clips = l2_normalize(projection(self.model.cnn14.clip_features(feature_map))).cpu()  # [B, D]
+        frames = self.model.cnn14.frame_features(feature_map)  # [B, T, out_emb]
+        return clips, list(l2_normalize(projection(frames)).cpu())
 
     # --- text ----------------------------------------------------------------------------------------------------
 
