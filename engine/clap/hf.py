@@ -75,28 +75,34 @@ class HFClapBackend(ClapBackend):
         log.info("Loaded CLAP %s", backend.describe())
         return backend
 
-    @torch.inference_mode()
-    def _embed_window_batch(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+    def _input_features(self, windows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows -> (input_features [B, 1 or 4, frames, mels], is_longer [B, 1]) on the device."""
         limit = self.feature_extractor.nb_max_samples
         assert all(len(w) <= limit for w in windows), "windows longer than the model's window would be cropped"
         features = self.feature_extractor(list(windows), sampling_rate=self.sample_rate, return_tensors="pt")
-        input_features = features["input_features"].to(self.device, self.dtype)  # [B, 1 or 4, frames, mels]
-        is_longer = features["is_longer"].to(self.device)  # [B, 1], all False here
-        pooled = self.model.audio_model(input_features=input_features, is_longer=is_longer).pooler_output
+        return features["input_features"].to(self.device, self.dtype), features["is_longer"].to(self.device)
+
+    def _audio_forward(self, windows: Sequence[np.ndarray]):
+        input_features, is_longer = self._input_features(windows)
+        return self.model.audio_model(input_features=input_features, is_longer=is_longer)
+
+    @torch.inference_mode()
+    def _embed_window_batch(self, windows: Sequence[np.ndarray]) -> torch.Tensor:
+        pooled = self._audio_forward(windows).pooler_output
         return l2_normalize(self.model.audio_projection(pooled)).cpu()  # [B, D]
 
     @torch.inference_mode()
-    def _embed_frame_batch(self, windows: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    def _embed_window_and_frame_batch(self, windows: Sequence[np.ndarray]
+                                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """HTSAT frames: the final map, regrouped by HF to [B, C, 2 frequency, 32 time] for a 10-s window, averaged
         over frequency, each of the 32 time steps (~0.32 s) projected by the audio head and L2-normalised (the
         clip embedding is the average of the same map). Short windows are repeat-padded first, so their frames
         cover the repeated audio too."""
-        features = self.feature_extractor(list(windows), sampling_rate=self.sample_rate, return_tensors="pt")
-        out = self.model.audio_model(input_features=features["input_features"].to(self.device, self.dtype),
-                                     is_longer=features["is_longer"].to(self.device))
+        out = self._audio_forward(windows)
+        clips = l2_normalize(self.model.audio_projection(out.pooler_output)).cpu()  # [B, D]
         frames = out.last_hidden_state.mean(dim=2).transpose(1, 2)  # [B, C, F, T] -> [B, T, C]
         projected = l2_normalize(self.model.audio_projection(frames)).cpu()  # [B, T, D]
-        return list(projected)
+        return clips, list(projected)
 
     def text_tower(self) -> EncoderTextTower:
         """RoBERTa + ClapModel's text projection; sentence feature = HF CLAP's pooler over the first token."""
