@@ -1,0 +1,124 @@
+"""LAION-CLAP input features in torch: what ``transformers.ClapFeatureExtractor`` computes, batched, on any device.
+
+The HF extractor loops over STFT frames in numpy (30-100 ms for a 10-s clip at 48 kHz on 2 cores);
+:class:`ClapFeatures` computes the same log-mel spectrogram with one batched ``torch.stft``
+(benchmarks/bench_features.py). It covers the only path the backend uses: windows of at most ``nb_max_samples``
+(the base class never hands it longer ones, so the extractor's random crops and random fusion chunks never apply):
+
+1. padding to ``nb_max_samples``: ``repeatpad`` (tile ``int(max / len)`` times, then zeros), ``repeat`` (tile past
+   the end, cut) or ``pad`` (zeros), as the extractor's ``padding`` says;
+2. STFT: the extractor's own periodic Hann window, n_fft = ``fft_window_size``, ``hop_length``, centred frames with
+   reflect padding, so 1 + max // hop frames;
+3. power |X|^2, then the extractor's own mel filter array (``mel_filters_slaney`` for ``rand_trunc``, the htk
+   ``mel_filters`` for ``fusion``), read from the instance so the numbers are identical;
+4. dB: 10·log10(max(mel, 1e-10)) (the extractor's floor; it ignores its ``top_db``, so do we);
+5. [B, 1, frames, mels] float32, or for ``fusion`` the same map stacked 4 times: [B, 4, frames, mels].
+
+Precision: the STFT runs in float64, as the extractor's does. A float32 FFT has an absolute error of about 1e-7 of
+the frame's loudest bin, which lifts bins that float64 puts at the -100 dB floor by up to 0.25 dB for a sine or a
+chirp (measured: max error / max |value| 2.4e-3 for float32, 8e-8 for float64). The spectrum is then rounded to
+complex64, as the extractor stores it, and the mel product and the log run in float32 (relative error ~1e-6).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import AudioTooLongError, ConfigError, EmptyAudioError
+
+PADDINGS = ("repeatpad", "repeat", "pad")
+TRUNCATIONS = ("rand_trunc", "fusion")
+FUSION_CHANNELS = 4  # global + 3 local views; for windows that fit, all four are the same map
+DB_FLOOR = 1e-10  # the extractor's mel_floor and power_to_db's min_value: -100 dB
+
+
+class ClapFeatures(nn.Module):
+    """Windows of mono audio -> LAION-CLAP log-mel input features, equal to ``ClapFeatureExtractor``'s within 1e-6
+    of their largest magnitude (tests/test_features.py).
+
+    ``is_longer`` is not computed here: for windows that fit it is False. In ``fusion`` mode the extractor (copying
+    LAION-CLAP's ``HTSAT.forward``, which does it in training and inference alike) marks a RANDOM window of the batch
+    as longer when none is, so an embedding would depend on chance and on its batch-mates; callers pass all False
+    instead, a deliberate difference from both, so a window's embedding depends on its own samples only.
+    """
+
+    cpu_chunk = 2  # rows per STFT on the CPU (benchmarks/bench_features.py measures the choice)
+
+    def __init__(self, *, max_samples: int, n_fft: int, hop_length: int, window: np.ndarray, mel_filters: np.ndarray,
+                 padding: str = "repeatpad", fused: bool = False) -> None:
+        super().__init__()
+        if padding not in PADDINGS:
+            raise ConfigError(f"CLAP feature padding {padding!r} is not one of {PADDINGS}")
+        if max_samples <= n_fft // 2:  # reflect padding needs more samples than half a frame
+            raise ConfigError(f"a CLAP window of {max_samples} samples is too short for an FFT of {n_fft}")
+        self.max_samples, self.n_fft, self.hop_length = int(max_samples), int(n_fft), int(hop_length)
+        self.padding, self.fused = padding, bool(fused)
+        self.register_buffer("window", torch.as_tensor(np.asarray(window, dtype=np.float64)), persistent=False)
+        filters = torch.as_tensor(np.asarray(mel_filters, dtype=np.float32))  # [n_fft/2+1, mels]
+        self.register_buffer("mel_filters", filters, persistent=False)
+        # [2 * bins, mels]: each row twice, for the interleaved (re^2, im^2) of one bin
+        self.register_buffer("mel_filters_pairs", filters.repeat_interleave(2, dim=0), persistent=False)
+
+    @classmethod
+    def from_extractor(cls, extractor) -> ClapFeatures:
+        """The features a ``transformers.ClapFeatureExtractor`` computes with its current settings (its
+        ``truncation`` picks the filter bank and the channel count)."""
+        from transformers.audio_utils import window_function
+
+        if extractor.truncation not in TRUNCATIONS:
+            raise ConfigError(f"CLAP feature truncation {extractor.truncation!r} is not one of {TRUNCATIONS}")
+        fused = extractor.truncation == "fusion"
+        return cls(max_samples=extractor.nb_max_samples, n_fft=extractor.fft_window_size,
+                   hop_length=extractor.hop_length, window=window_function(extractor.fft_window_size, "hann"),
+                   mel_filters=extractor.mel_filters if fused else extractor.mel_filters_slaney,
+                   padding=extractor.padding, fused=fused)
+
+    @property
+    def num_frames(self) -> int:
+        return 1 + self.max_samples // self.hop_length
+
+    def pad(self, windows: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Windows -> [B, max_samples] float64 on the module's device, each padded on its own."""
+        device = self.window.device
+        out = torch.zeros(len(windows), self.max_samples, dtype=torch.float64, device=device)
+        for row, window in enumerate(windows):
+            samples = torch.as_tensor(window).reshape(-1).to(device)
+            length = samples.numel()
+            if length == 0:
+                raise EmptyAudioError("An audio window holds no samples.")
+            if length > self.max_samples:
+                raise AudioTooLongError(f"An audio window of {length} samples is longer than the {self.max_samples} "
+                                        "the CLAP model sees at once; cut the audio into shorter windows.")
+            if self.padding == "repeatpad":
+                repeats = self.max_samples // length  # int(max / len): whole copies only, zeros after
+            elif self.padding == "repeat":
+                repeats = -(-self.max_samples // length)  # past the end, then cut
+            else:
+                repeats = 1
+            tiled = samples.repeat(repeats)[:self.max_samples]
+            out[row, :tiled.numel()] = tiled
+        return out
+
+    def forward(self, windows: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Windows (mono, at most ``max_samples`` each) -> [B, 1 or 4, frames, mels] float32 log-mel in dB."""
+        waveform = self.pad(windows)  # [B, S] float64
+        # A few rows at a time: the STFT's float64 buffers of a whole batch (130 MB for 16 windows of 10 s) fall
+        # out of the CPU caches and cost more per row than small chunks.
+        chunk = self.cpu_chunk if waveform.device.type == "cpu" else len(windows)
+        log_mel = torch.cat([self._log_mel(waveform[i:i + chunk]) for i in range(0, len(windows), chunk)])
+        channels = FUSION_CHANNELS if self.fused else 1
+        return log_mel[:, None].expand(-1, channels, -1, -1).contiguous()  # [B, C, frames, mels]
+
+    def _log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        """[B, S] float64 -> [B, frames, mels] float32."""
+        spectrum = torch.stft(waveform, self.n_fft, self.hop_length, window=self.window, center=True,
+                              pad_mode="reflect", return_complex=True)  # [B, n_fft/2+1, frames] complex128
+        # [B, frames, bins, 2] (re, im): rounded to float32 as the extractor rounds its spectrum to complex64.
+        parts = torch.view_as_real(spectrum.transpose(1, 2)).to(torch.float32)
+        # |X|^2 @ filters == [re^2, im^2] @ (each filter row twice): the sum of squares happens inside the matmul.
+        power_parts = parts.square_().flatten(2)  # [B, frames, 2 * bins]
+        mel = torch.matmul(power_parts, self.mel_filters_pairs)  # [B, frames, mels]
+        return 10.0 * torch.log10(mel.clamp_min(DB_FLOOR))
