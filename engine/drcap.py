@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from engine.clap.checkpoints import failure_reason, read_json_object, read_safetensors, torch_load_tensors
 from engine.errors import ModelLoadError
+from engine.fast_decode import FastPlan, default_plan, fast_generate
 
 IGNORE_INDEX = -100
 CHECKPOINT_FORMAT = "audioscribe-drcap"
@@ -200,17 +201,36 @@ class DrcapModel(nn.Module):
 
     @torch.inference_mode()
     def generate(self, clap_embeddings: torch.Tensor, similar: Sequence[Sequence[str]], num_beams: int = 4,
-                 max_new_tokens: int = 200, repetition_penalty: float = 1.0) -> list[str]:
-        """Captions for [B, D] (projected) CLAP embeddings; greedy when num_beams is 1."""
+                 max_new_tokens: int = 200, repetition_penalty: float = 1.0, fast: bool | FastPlan = True
+                 ) -> list[str]:
+        """Captions for [B, D] (projected) CLAP embeddings; greedy when num_beams is 1.
+
+        ``fast``: True = the device's fast path (static KV cache + compiled decode step on CUDA; plain generate on
+        the CPU, where it does not pay: engine.fast_decode), False = plain ``generate``, a FastPlan = that plan.
+        Both give the same tokens."""
+        return self.decode_texts(self.generate_ids(clap_embeddings, similar, num_beams, max_new_tokens,
+                                                   repetition_penalty, fast))
+
+    @torch.inference_mode()
+    def generate_ids(self, clap_embeddings: torch.Tensor, similar: Sequence[Sequence[str]], num_beams: int = 4,
+                     max_new_tokens: int = 200, repetition_penalty: float = 1.0, fast: bool | FastPlan = True
+                     ) -> torch.Tensor:
+        """The new token ids [B, T] behind :meth:`generate` (rows padded with EOS after their end)."""
         device = self.encoder_projector.linear1.weight.device
         batch = _to(self.prepare(similar, None, left_pad=True), device)
         tok = self.tokenizer
-        out = self.llm.generate(inputs_embeds=self.embed(batch, clap_embeddings.to(device)),
-                                attention_mask=batch.attention_mask, num_beams=num_beams, do_sample=False,
-                                max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                bos_token_id=tok.bos_token_id)
-        texts = tok.batch_decode(out, skip_special_tokens=True)  # only new tokens: the input was embeddings
+        arguments = dict(inputs_embeds=self.embed(batch, clap_embeddings.to(device)),
+                         attention_mask=batch.attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                         repetition_penalty=repetition_penalty, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        plan = (default_plan(device) if fast is True else fast) or None
+        if plan is None:
+            return self.llm.generate(do_sample=False, **arguments)
+        return fast_generate(self.llm, plan=plan, **arguments)
+
+    def decode_texts(self, ids: torch.Tensor) -> list[str]:
+        """Token ids [B, T] -> captions with whitespace and newlines collapsed."""
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)  # only new tokens: the input was embeddings
         return [" ".join(t.replace("\n", " ").split()) for t in texts]
 
     # --- checkpoints ---------------------------------------------------------------------------------------------

@@ -1,0 +1,356 @@
+"""Fast decoding for DRCap captions: a static KV cache and a compiled one-token decode step.
+
+Token-identical to ``llm.generate`` (greedy and beam search, any repetition penalty, left-padded batches): the call
+goes through transformers' own ``generate``, which prepares everything exactly as for plain decoding (expanded beams,
+attention mask, position ids, logits processors such as the repetition penalty, stopping criteria); only the loop that
+follows is ours (``custom_generate``), and it mirrors transformers 5.23's ``_sample`` and ``_beam_search`` step for step.
+What differs:
+
+- the KV cache is a ``StaticCache`` of a fixed, bucketed length (tensors at fixed addresses, shapes that repeat);
+- decode steps (one token per row) call ``torch.compile``'d ``model.__call__`` (``get_compiled_call``, transformers'
+  own compile cache on the model, so a process compiles once per shape and later calls reuse it); the prefill stays
+  eager, as in transformers, because prompt lengths vary;
+- beam search reorders the static cache in place, keeping its addresses (transformers' ``reorder_cache`` swaps in new
+  tensors, which CUDA graphs cannot replay).
+
+Why not transformers' own path (``cache_implementation="static"`` + ``compile_config``) alone: in 5.23 it compiles
+greedy decoding only (``_beam_search`` calls the eager forward; DRCap decodes with 4 beams) and never compiles a
+bitsandbytes model (``Bnb4BitHfQuantizer.is_compileable`` is False, see ``_valid_auto_compile_criteria``), which is
+what runs on a GPU in production (nf4). Our loop compiles both, fp16 and nf4 alike: 4-bit models take exactly the same
+code path as fp16 ones (bitsandbytes 0.50's 4-bit matmul is a registered torch op); this could not be run here (no GPU).
+
+Per device (:func:`default_plan`):
+
+- CUDA: compile with ``mode="reduce-overhead"`` (CUDA graphs). CUDA graph trees in torch 2.9 only work in the thread
+  that imported torch (pytorch/pytorch#123177: other threads fail an assertion; the app decodes in Gradio worker
+  threads), and a graph replays only on the tensors it was recorded with. So every fast CUDA decode runs on one
+  decode thread per process, which sets up the graph trees' thread state for itself and keeps a small pool of static
+  caches that are reused call after call. The thread is also the answer to concurrency: two requests never share a
+  static cache because their decodes take turns on that thread (on one GPU their kernels would take turns on the
+  device anyway). If compilation fails, the model decodes without compiling from then on (logged once).
+- CPU: plain ``generate`` (see :data:`CPU_DECISION` for the measurements that decided it). Tests and the benchmark
+  force the static cache and/or compilation on the CPU with an explicit :class:`FastPlan`; then each call gets its
+  own static cache (nothing shared between concurrent calls) and may run in any thread.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+CACHE_BUCKET = 128  # static caches are sized to prompt + new tokens rounded up to this: prompts of other lengths reuse
+CACHE_POOL_SIZE = 4  # static caches kept per model on the decode thread (one per (rows, length) shape, least recent out)
+
+# The CPU decision, measured with benchmarks/bench_decoding.py (see benchmarks/RESULTS.md, "Decoding"): on the CPU the
+# static cache alone is slower than plain generate (it attends over the whole bucket every step), and compiling the
+# decode step (inductor) costs tens of seconds per shape for no gain on models big enough to matter.
+CPU_DECISION = "plain generate on the CPU (static cache and torch.compile measured slower or no faster)"
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """How the fast path decodes. :func:`default_plan` picks one per device; tests and benchmarks may pass their own."""
+
+    compile: bool = True  # torch.compile the one-token decode step; False = the static cache runs eagerly
+    backend: str | Callable = "inductor"  # torch.compile backend (tests pass a counting backend)
+    mode: str | None = "reduce-overhead"  # CUDA graphs on CUDA; None for backends other than inductor
+    decode_thread: bool = False  # run on the process's decode thread with pooled static caches (needed for CUDA graphs)
+
+
+CUDA_PLAN = FastPlan(compile=True, backend="inductor", mode="reduce-overhead", decode_thread=True)
+
+
+def default_plan(device: torch.device) -> FastPlan | None:
+    """The fast path for ``device``; None = plain ``generate`` (the CPU: :data:`CPU_DECISION`)."""
+    return CUDA_PLAN if device.type == "cuda" else None
+
+
+def cache_length(prompt_length: int, max_new_tokens: int) -> int:
+    """Static cache length for a prompt: prompt + new tokens, rounded up to :data:`CACHE_BUCKET`."""
+    return CACHE_BUCKET * math.ceil((prompt_length + max_new_tokens) / CACHE_BUCKET)
+
+
+def fast_generate(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, *, plan: FastPlan,
+                  num_beams: int, max_new_tokens: int, **generate_kwargs) -> torch.Tensor:
+    """``llm.generate(inputs_embeds=..., attention_mask=..., ...)`` with a static cache (and a compiled decode step).
+
+    inputs_embeds [B, L, H] (left-padded), attention_mask [B, L] -> new token ids [B, T], the same ids ``generate``
+    returns for these arguments. ``llm`` may be peft-wrapped. ``generate_kwargs``: repetition_penalty, pad/eos/bos ids.
+    """
+    state = _state(_base_model(llm))
+    length = cache_length(inputs_embeds.shape[1], max_new_tokens)
+    rows = inputs_embeds.shape[0] * max(num_beams, 1)
+
+    def run(active: FastPlan) -> torch.Tensor:
+        with torch.inference_mode():  # thread-local: the decode thread needs its own (the caches are inference tensors)
+            cache = state.pooled_cache(llm, rows, length) if active.decode_thread else _new_cache(llm, length)
+            step = state.compiled_step(llm, active) if active.compile else None
+            return llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
+                                custom_generate=_decoding_loop(step), num_beams=num_beams, do_sample=False,
+                                max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    def run_with_fallback() -> torch.Tensor:
+        active = replace(plan, compile=False) if state.compile_failed else plan
+        try:
+            return run(active)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler failure must cost speed, not the caption
+            if not active.compile:
+                raise
+            state.compile_failed = True
+            log.warning("Compiled decoding failed (%s: %s); this model decodes without torch.compile from now on",
+                        type(e).__name__, e, exc_info=True)
+            return run(replace(active, compile=False))
+
+    if plan.decode_thread:
+        return _decode_thread().submit(run_with_fallback).result()
+    return run_with_fallback()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# per-model state: the compiled step (transformers' cache on the model) and the static-cache pool
+
+
+class _ModelState:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.compile_failed = False
+        self.caches: collections.OrderedDict[tuple, object] = collections.OrderedDict()  # decode thread only
+
+    def compiled_step(self, llm: nn.Module, plan: FastPlan) -> Callable:
+        from transformers import CompileConfig
+
+        config = CompileConfig(fullgraph=False, dynamic=None, backend=plan.backend, mode=plan.mode)
+        with self.lock:  # get_compiled_call compares and replaces the model's cached compiled call: not thread-safe
+            return _base_model(llm).get_compiled_call(config)
+
+    def pooled_cache(self, llm: nn.Module, rows: int, length: int):
+        """A reset static cache of this shape from the pool (CUDA graphs replay on the same tensors every call)."""
+        key = (rows, length)
+        cache = self.caches.pop(key, None)
+        if cache is None:
+            cache = _new_cache(llm, length)
+        else:
+            cache.reset()
+        self.caches[key] = cache  # most recently used last
+        while len(self.caches) > CACHE_POOL_SIZE:
+            self.caches.popitem(last=False)
+        return cache
+
+
+_STATE_ATTRIBUTE = "_audioscribe_fast_decode"
+_STATE_LOCK = threading.Lock()
+
+
+def _state(model: nn.Module) -> _ModelState:
+    """The model's fast-decoding state, kept on the model itself (it lives and dies with it, like transformers'
+    own ``_compiled_call``)."""
+    with _STATE_LOCK:
+        state = model.__dict__.get(_STATE_ATTRIBUTE)
+        if state is None:
+            state = _ModelState()
+            model.__dict__[_STATE_ATTRIBUTE] = state
+        return state
+
+
+def _base_model(llm: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (its LoRA layers are inside it), else ``llm``."""
+    get_base = getattr(llm, "get_base_model", None)
+    return get_base() if callable(get_base) else llm
+
+
+def _new_cache(llm: nn.Module, length: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=llm.config.get_text_config(decoder=True), max_cache_len=length)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the decode thread (CUDA graphs)
+
+_DECODE_THREADS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _decode_thread() -> ThreadPoolExecutor:
+    """The process's decode thread; keyed by pid, so a forked worker (ZeroGPU) starts its own."""
+    with _STATE_LOCK:
+        executor = _DECODE_THREADS.get(os.getpid())
+        if executor is None:
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audioscribe-decode",
+                                          initializer=_init_cudagraph_thread_state)
+            _DECODE_THREADS[os.getpid()] = executor
+        return executor
+
+
+def _init_cudagraph_thread_state() -> None:
+    """CUDA graph trees (torch 2.9) keep their managers in thread-local storage that only the importing thread has;
+    in any other thread ``torch.compile(mode="reduce-overhead")`` fails ``assert torch._C._is_key_in_tls(...)``
+    (pytorch/pytorch#123177, fixed upstream by giving each thread its own, pytorch/pytorch#184357). Do that here."""
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if not hasattr(local, "tree_manager_containers"):
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = collections.defaultdict(threading.Lock)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the decoding loops: transformers 5.23's _sample and _beam_search, with a compiled decode step
+
+
+def _decoding_loop(step: Callable | None) -> Callable:
+    """A ``custom_generate`` callable: ``generate`` calls it with everything prepared, as it calls ``_sample``."""
+
+    def decode(self, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+        forward = step or self.__call__
+        if generation_config.num_beams > 1:
+            return _beam_search(self, forward, input_ids, logits_processor, stopping_criteria, generation_config,
+                                model_kwargs)
+        return _greedy(self, forward, input_ids, logits_processor, stopping_criteria, generation_config,
+                       model_kwargs)
+
+    return decode
+
+
+def _prefill(model: nn.Module, input_ids: torch.Tensor, model_kwargs: dict):
+    """The whole prompt in one eager forward (its length varies: compiling it would recompile per prompt)."""
+    inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    return model(**inputs, return_dict=True)
+
+
+def _next_logits(outputs, device: torch.device) -> torch.Tensor:
+    """Last position's logits as float32 [N, V], copied: a CUDA graph overwrites its outputs on the next replay."""
+    return outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=device)
+
+
+def _greedy(model, forward, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+    """transformers' ``_sample`` without sampling, streaming or returned dicts: input_ids [B, 0] -> [B, T]."""
+    pad_token_id = generation_config._pad_token_tensor
+    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    outputs = _prefill(model, input_ids, model_kwargs)
+    while True:
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+        scores = logits_processor(input_ids, _next_logits(outputs, input_ids.device))
+        del outputs
+        next_tokens = torch.argmax(scores, dim=-1)
+        if has_eos_stopping_criteria:  # finished rows get padding
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+        if unfinished.max() == 0:
+            return input_ids
+        inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+        outputs = forward(**inputs, return_dict=True)
+
+
+def _reorder_in_place(cache, beam_idx: torch.Tensor) -> None:
+    """Beam reordering that keeps the static cache's tensors (and so the addresses CUDA graphs recorded)."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            index = beam_idx.to(layer.keys.device)
+            layer.keys.copy_(layer.keys.index_select(0, index))
+            layer.values.copy_(layer.values.index_select(0, index))
+
+
+def _beam_search(model, forward, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+    """transformers 5.23's ``_beam_search`` (deterministic, no returned dicts): input_ids [B*beams, 0] -> [B, T].
+
+    Same tensors, same helper methods, same order of operations; the decode forward and the in-place cache reorder
+    are the only changes (see the module docstring)."""
+    pad_token_id = generation_config._pad_token_tensor
+    eos_token_id = generation_config._eos_token_tensor
+    early_stopping = generation_config.early_stopping
+    length_penalty = generation_config.length_penalty
+    max_length = generation_config.max_length
+    num_beams = generation_config.num_beams
+    num_return_sequences = generation_config.num_return_sequences
+    flatten, unflatten = model._flatten_beam_dim, model._unflatten_beam_dim
+    device = input_ids.device
+
+    batch_size_unflattened, cur_len = input_ids.shape[:2]
+    batch_size = batch_size_unflattened // num_beams
+    decoder_prompt_len = cur_len
+
+    # K = (EOS tokens + 1) * beams candidates per step, so that `num_beams` unfinished ones always remain
+    n_eos_tokens = eos_token_id.shape[0] if eos_token_id is not None else 0
+    beams_to_keep = max(2, 1 + n_eos_tokens) * num_beams
+    top_num_beam_mask = torch.cat((torch.ones((num_beams), dtype=torch.bool),
+                                   torch.zeros((beams_to_keep - num_beams), dtype=torch.bool)), dim=0).to(device)
+
+    # running tensors and static-shaped placeholders, as in transformers
+    output_fill_value = pad_token_id or eos_token_id[0] if eos_token_id is not None else -1
+    running_sequences = torch.full((batch_size, num_beams, max_length), fill_value=output_fill_value,
+                                   dtype=torch.int64, device=device)
+    running_sequences[:, :, :cur_len] = unflatten(input_ids, batch_size, num_beams)
+    sequences = running_sequences.detach().clone()
+    running_beam_scores = torch.zeros((batch_size, num_beams), dtype=torch.float, device=device)
+    running_beam_scores[:, 1:] = -1e9  # only the first beam's tokens count at the first step
+    beam_scores = torch.full((batch_size, num_beams), fill_value=-1e9, dtype=torch.float, device=device)
+    is_sent_finished = torch.zeros((batch_size, num_beams), dtype=torch.bool, device=device)
+    is_early_stop_heuristic_unsatisfied = torch.ones((batch_size, 1), dtype=torch.bool, device=device)
+    next_token_hits_stopping_criteria = torch.zeros((batch_size, num_beams), dtype=torch.bool, device=device)
+    running_beam_indices = torch.full((batch_size, num_beams, max_length - cur_len), fill_value=-1,
+                                      dtype=torch.int32, device=device)
+    beam_indices = running_beam_indices.detach().clone()
+
+    flat_running_sequences = input_ids
+    outputs = _prefill(model, input_ids, model_kwargs)
+    while True:
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+        log_probs = nn.functional.log_softmax(_next_logits(outputs, device), dim=-1)
+        log_probs = logits_processor(flat_running_sequences, log_probs)
+        del outputs
+        log_probs = unflatten(log_probs, batch_size, num_beams) + running_beam_scores[:, :, None]
+        log_probs = torch.reshape(log_probs, (batch_size, -1))  # [B, beams * vocab]
+
+        topk_log_probs, topk_running_sequences, topk_running_beam_indices = model._get_top_k_continuations(
+            accumulated_log_probs=log_probs, running_sequences=running_sequences,
+            running_beam_indices=running_beam_indices, cur_len=cur_len, decoder_prompt_len=decoder_prompt_len,
+            do_sample=False, beams_to_keep=beams_to_keep, num_beams=num_beams, batch_size=batch_size)
+        next_token_hits_stopping_criteria = unflatten(
+            stopping_criteria(flatten(topk_running_sequences[:, :, :cur_len + 1]), None), batch_size, beams_to_keep)
+        running_sequences, running_beam_scores, running_beam_indices = model._get_running_beams_for_next_iteration(
+            topk_log_probs=topk_log_probs, topk_running_sequences=topk_running_sequences,
+            topk_running_beam_indices=topk_running_beam_indices,
+            next_token_hits_stopping_criteria=next_token_hits_stopping_criteria, num_beams=num_beams)
+        sequences, beam_scores, beam_indices, is_sent_finished = model._update_finished_beams(
+            sequences=sequences, topk_running_sequences=topk_running_sequences, beam_scores=beam_scores,
+            topk_log_probs=topk_log_probs, beam_indices=beam_indices,
+            topk_running_beam_indices=topk_running_beam_indices,
+            is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
+            is_sent_finished=is_sent_finished, next_token_hits_stopping_criteria=next_token_hits_stopping_criteria,
+            top_num_beam_mask=top_num_beam_mask, num_beams=num_beams, cur_len=cur_len,
+            decoder_prompt_len=decoder_prompt_len, length_penalty=length_penalty, early_stopping=early_stopping)
+
+        _reorder_in_place(model_kwargs["past_key_values"],
+                          flatten(running_beam_indices[..., cur_len - decoder_prompt_len]))
+        cur_len = cur_len + 1
+        is_early_stop_heuristic_unsatisfied = model._check_early_stop_heuristic(
+            is_early_stop_heuristic_unsatisfied=is_early_stop_heuristic_unsatisfied,
+            running_beam_scores=running_beam_scores, beam_scores=beam_scores, is_sent_finished=is_sent_finished,
+            cur_len=cur_len, max_length=max_length, decoder_prompt_len=decoder_prompt_len,
+            early_stopping=early_stopping, length_penalty=length_penalty)
+        if not model._beam_search_has_unfinished_sequences(is_early_stop_heuristic_unsatisfied, is_sent_finished,
+                                                           next_token_hits_stopping_criteria, early_stopping):
+            break
+        flat_running_sequences = flatten(running_sequences[:, :, :cur_len])
+        inputs = model.prepare_inputs_for_generation(flat_running_sequences, next_sequence_length=1, **model_kwargs)
+        outputs = forward(**inputs, return_dict=True)
+
+    # the best num_return_sequences per row, cropped to the longest generated length (as transformers does)
+    sequences = flatten(sequences[:, :num_return_sequences, :])
+    beam_indices = flatten(beam_indices[:, :num_return_sequences, :])
+    max_generated_length = ((beam_indices + 1).bool()).sum(dim=1).max()
+    return sequences[:, :decoder_prompt_len + max_generated_length]
