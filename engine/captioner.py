@@ -177,7 +177,7 @@ class Captioner:
             with _timer(timings, "generation"):
                 texts = self.model.generate(projected, [[c for c, _ in r] for r in retrieved],
                                             num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                                            repetition_penalty=cfg.repetition_penalty)
+                                            repetition_penalty=cfg.repetition_penalty, fast=cfg.fast_decoding)
             for row, text in enumerate(texts):
                 top = _top_support(support, weights[row]) if weights is not None else []
                 results.append(CaptionResult(caption=text, retrieved=retrieved[row], support_top=top))

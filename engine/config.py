@@ -223,6 +223,7 @@ class AnnotateConfig:
 @dataclass
 class AppConfig:
     """Everything a running AudioScribe needs; see :func:`load_config`."""
+    fast_decoding: bool = True  # static KV cache + compiled decode step (CUDA; CPU: plain); false = plain generate
 
     profile: str = "offline"
     cache_dir: str = ""  # where built models and datastores are cached; "" = $AUDIOSCRIBE_CACHE or ~/.cache/audioscribe
