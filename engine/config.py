@@ -198,6 +198,7 @@ class CaptionConfig:
     repetition_penalty: float = 1.0
     batch_size: int = 4
     max_window_captions: int = 30  # long audio: at most this many per-window captions; more windows are merged
+    fast_decoding: bool = True  # static KV cache + compiled decode step (CUDA; CPU: plain); false = plain generate
 
 
 @dataclass
@@ -223,7 +224,6 @@ class AnnotateConfig:
 @dataclass
 class AppConfig:
     """Everything a running AudioScribe needs; see :func:`load_config`."""
-    fast_decoding: bool = True  # static KV cache + compiled decode step (CUDA; CPU: plain); false = plain generate
 
     profile: str = "offline"
     cache_dir: str = ""  # where built models and datastores are cached; "" = $AUDIOSCRIBE_CACHE or ~/.cache/audioscribe
