@@ -232,7 +232,7 @@ def measure_end_to_end(clap: HFClapBackend, store: CaptionDatastore, repeats: in
     embed_ms, search_ms, total_ms, feature_ms = [], [], [], []
     for i in range(repeats + 2):  # the first two are warm-up
         t0 = time.perf_counter()  # the mel features alone, as the backend computes them (not part of the total)
-        clap.feature_extractor([clip], sampling_rate=clap.sample_rate, return_tensors="pt")
+        clap._input_features([clip])
         features = time.perf_counter() - t0
         t0 = time.perf_counter()
         embedding = clap.embed_audio([clip])
@@ -417,8 +417,8 @@ def render(res: dict) -> str:
         lines.append(f"| {name} | {r['e2e_store']} ({e['n']:,} x {e['dim']}, {e['index']}) | {fmt_ms(e['embed'])} | "
                      f"{fmt_ms(e['features'])} | {fmt_ms(e['search'])} | {fmt_ms(e['total'])} |")
     lines.append("")
-    lines.append("² `ClapFeatureExtractor` on the same clip, timed separately (numpy mel spectrogram, 10 s at 48 kHz); "
-                 "the rest of the audio embedding is the audio tower.")
+    lines.append("² `HFClapBackend._input_features` on the same clip, timed separately (the torch log-mel of "
+                 "engine.clap.features, 10 s at 48 kHz); the rest of the audio embedding is the audio tower.")
     lines.append("")
     lines += ["### Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     return "\n".join(lines)
@@ -445,7 +445,7 @@ def notes_for(res: dict) -> list[str]:
         "Batched queries amortise per-call overhead, so the per-query cost in a batch is lower than a single "
         "query's. Exact search over 45,716 x 512 float32 (94 MB) is bound by memory bandwidth: without the BLAS "
         "kernel each query of a batch streams the whole matrix again.",
-        "In the end-to-end query the audio embedding dominates: for tiny most of it is the numpy mel spectrogram "
+        "In the end-to-end query the audio embedding dominates: for tiny a large part of it is the mel spectrogram "
         "(the same for every model), for full the HTSAT tower. The exact search is a small fraction of the total.",
         "The search inside the end-to-end query is slower than the isolated faiss search above. torch and faiss "
         "each ship their own OpenMP runtime with one thread per core; right after the audio tower, torch's idle "
