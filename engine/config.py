@@ -469,7 +469,7 @@ class DrcapTrainConfig:
     epochs: int = 4
     batch_size: int = 4
     grad_accum: int = 1
-    mixed_precision: str = "auto"  # auto (fp16 on CUDA, none on CPU) | fp16 | bf16 | no
+    mixed_precision: str = "auto"  # auto (autocast to the LLM's dtype: bf16, or fp16 + loss scaling) | fp16 | bf16 | no
     val_every: int = 1000  # optimizer steps between validations
     val_fraction: float = 0.05
     log_every: int = 10

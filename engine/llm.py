@@ -74,7 +74,7 @@ def load_llm(config: LLMConfig, cache_dir: str | os.PathLike | None = None) -> L
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
             if quantization == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": _cuda_index(device)} if device.type == "cuda" else {"": "cpu"}
     with model_load_errors(lambda e: _explain(name, e)):
         model, loading_info = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, **kwargs)
         check_weights_cover_model(model, loading_info, name)
@@ -99,6 +99,12 @@ def attach_lora(model: torch.nn.Module, config: LLMConfig, trainable: bool = Tru
                       target_modules=list(config.lora_targets), bias="none", task_type="CAUSAL_LM",
                       inference_mode=not trainable)
     return get_peft_model(model, lora)
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The GPU a quantized model is placed on: the resolved one (cuda:LOCAL_RANK under a launcher), else the current
+    device (``device_map`` needs an index; ``0`` would put every rank of a multi-GPU run on the first GPU)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _plan(config: LLMConfig, device: torch.device, params: int) -> tuple[str, torch.dtype, str]:

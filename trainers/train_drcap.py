@@ -108,6 +108,34 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
+_AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
+
+
+def mixed_precision_for(setting: str, llm_dtype: torch.dtype, device_type: str, trains_llm_weights: bool) -> str:
+    """accelerate's ``mixed_precision`` for an LLM computing in ``llm_dtype``: "fp16" (autocast + GradScaler),
+    "bf16" (autocast, no scaler: bf16 has fp32's range) or "no".
+
+    "auto" autocasts to the LLM's own compute dtype (a bf16 LLM under fp16 autocast would squeeze its activations
+    into fp16's range). An explicit choice may differ only over an fp32 LLM (classic mixed precision) or be "no".
+    """
+    if setting not in ("auto", "no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision must be auto, fp16, bf16 or no, not {setting!r}")
+    native = _AUTOCAST.get(llm_dtype)
+    if native is None:
+        raise ConfigError(f"The LLM computes in {llm_dtype}, which training has no mixed precision for")
+    chosen = native if setting == "auto" else setting
+    if chosen not in ("no", native) and native != "no":
+        raise ConfigError(f"mixed_precision = {setting} does not match the LLM's {native} weights; use auto (= "
+                          f"{native}) or set llm.dtype")
+    if chosen == "fp16" and device_type != "cuda":
+        raise ConfigError("fp16 mixed precision needs a CUDA device (loss scaling); on the CPU use llm.dtype = bf16 "
+                          "or fp32")
+    if chosen == "fp16" and native == "fp16" and trains_llm_weights:
+        raise ConfigError("Training an fp16 LLM's own weights: loss scaling cannot unscale fp16 gradients; use "
+                          "llm.dtype = bf16 or fp32, or LoRA (--use-peft true)")
+    return chosen
+
+
 def set_trainable(model: DrcapModel, cfg: DrcapTrainConfig) -> None:
     """Mapping network always; LoRA when use_peft (peft already froze the base); the whole LLM when not frozen."""
     for name, p in model.named_parameters():
@@ -156,8 +184,6 @@ def train(app: AppConfig, cfg: DrcapTrainConfig, show_progress: bool = True, cla
     if not cfg.train:
         raise ConfigError("--train is required: a DRCap jsonl or a caption file")
     set_seed(cfg.seed)
-    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum)
     out = Path(cfg.out)
     clap = clap or create_clap(app)
     needs_rag = cfg.rag_first or cfg.use_rag
@@ -176,9 +202,14 @@ def train(app: AppConfig, cfg: DrcapTrainConfig, show_progress: bool = True, cla
 
     app.caption.use_rag, app.caption.rag_first = cfg.use_rag, cfg.rag_first
     app.caption.instruction, app.caption.mapping_hidden = cfg.instruction, cfg.mapping_hidden
-    llm = load_llm(app.llm, app.resolved_cache_dir())
+    llm = load_llm(app.llm, app.resolved_cache_dir())  # on this rank's device (cuda:LOCAL_RANK under a launcher)
     model = build_model(llm, clap, app, checkpoint=None, trainable=True, use_peft=cfg.use_peft)
     set_trainable(model, cfg)
+    mixed = mixed_precision_for(cfg.mixed_precision, llm.dtype, llm.device.type,
+                                trains_llm_weights=not cfg.use_peft and not cfg.freeze_llm)
+    # cpu=True on a CPU: without it accelerate ignores a launcher's ranks on a machine without GPUs (no DDP over gloo).
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=llm.device.type == "cpu")
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("Trainable parameters: %s", f"{sum(p.numel() for p in params):,}")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -189,8 +220,9 @@ def train(app: AppConfig, cfg: DrcapTrainConfig, show_progress: bool = True, cla
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
     if len(train_loader) == 0:
         raise ConfigError(f"{len(train_set)} training captions are fewer than one batch of {cfg.batch_size}")
-    model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, scheduler)
+    # The scheduler is not prepared: accelerate would step it once per rank at every optimizer step (it assumes a
+    # schedule counted in single-process batches), so with N ranks the LR would reach 0 after total_steps / N.
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     step, epoch, best_val, skip_batches = 0, 0, math.inf, 0
     recover_directory(out / "last")  # a run killed while replacing an older real-folder checkpoint
@@ -219,12 +251,13 @@ def train(app: AppConfig, cfg: DrcapTrainConfig, show_progress: bool = True, cla
                 loss = model(embeddings, similar, answers)
                 accelerator.backward(loss)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf/nan gradients
+                scheduler.step()
             step += 1
-            running.append(loss.item())
+            running.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # the mean over ranks
             bar.update(1)
             if step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{np.mean(running[-cfg.log_every:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
