@@ -223,7 +223,7 @@ class DrcapModel(nn.Module):
                          attention_mask=batch.attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
                          repetition_penalty=repetition_penalty, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-        plan = (default_plan(device) if fast is True else fast) or None
+        plan = default_plan(device) if fast is True else (fast or None)
         if plan is None:
             return self.llm.generate(do_sample=False, **arguments)
         return fast_generate(self.llm, plan=plan, **arguments)

@@ -91,9 +91,11 @@ def fast_generate(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
     length = cache_length(inputs_embeds.shape[1], max_new_tokens)
     rows = inputs_embeds.shape[0] * max(num_beams, 1)
 
+    shape = (rows, length, inputs_embeds.dtype, inputs_embeds.device)
+
     def run(active: FastPlan) -> torch.Tensor:
         with torch.inference_mode():  # thread-local: the decode thread needs its own (the caches are inference tensors)
-            cache = state.pooled_cache(llm, rows, length) if active.decode_thread else _new_cache(llm, length)
+            cache = state.pooled_cache(llm, shape) if active.decode_thread else _new_cache(llm, length)
             step = state.compiled_step(llm, active) if active.compile else None
             return llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache,
                                 custom_generate=_decoding_loop(step), num_beams=num_beams, do_sample=False,
@@ -135,15 +137,15 @@ class _ModelState:
         with self.lock:  # get_compiled_call compares and replaces the model's cached compiled call: not thread-safe
             return _base_model(llm).get_compiled_call(config)
 
-    def pooled_cache(self, llm: nn.Module, rows: int, length: int):
-        """A reset static cache of this shape from the pool (CUDA graphs replay on the same tensors every call)."""
-        key = (rows, length)
-        cache = self.caches.pop(key, None)
+    def pooled_cache(self, llm: nn.Module, shape: tuple):
+        """A reset static cache for ``shape`` = (rows, length, dtype, device) from the pool: CUDA graphs replay on
+        the tensors they were recorded with, so the same shape gets the same tensors call after call."""
+        cache = self.caches.pop(shape, None)
         if cache is None:
-            cache = _new_cache(llm, length)
+            cache = _new_cache(llm, shape[1])
         else:
             cache.reset()
-        self.caches[key] = cache  # most recently used last
+        self.caches[shape] = cache  # most recently used last
         while len(self.caches) > CACHE_POOL_SIZE:
             self.caches.popitem(last=False)
         return cache

@@ -201,7 +201,7 @@ def test_concurrent_calls_never_share_a_static_cache(tiny_llama_dir):
             if plan.decode_thread:
                 assert {name.split("_")[0] for name in threads_seen} == {"audioscribe-decode"}
                 pool = _state(model.llm).caches
-                assert 1 <= len(pool) <= 4 and all(length % CACHE_BUCKET == 0 for _, length in pool)
+                assert 1 <= len(pool) <= 4 and all(shape[1] % CACHE_BUCKET == 0 for shape in pool)
             else:
                 assert len(threads_seen) == len(jobs)  # each call decoded in its own thread
     finally:
@@ -235,3 +235,15 @@ def test_the_setting_switches_between_plain_and_fast(tiny_llama_dir, monkeypatch
     captioner.caption_embeddings(embeddings(1, 0), settings=CaptionConfig(projection=False, fast_decoding=False))
     captioner.caption_embeddings(embeddings(1, 0))
     assert captured == [False, True]
+
+
+def test_measure_decoding_reports_tokens_and_agreement(plain_model):
+    from benchmarks.bench_decoding import generated_tokens, measure_decoding
+
+    eos = plain_model.tokenizer.eos_token_id
+    assert generated_tokens(torch.tensor([[5, 6, eos, eos], [5, 6, 7, 8]]), eos) == 3 + 4
+    rows = measure_decoding(plain_model, embeddings(2, 0), PROMPTS[:2], num_beams=4, max_new_tokens=6,
+                            variants={"plain": False, "static": FastPlan(compile=False)}, repeats=1)
+    assert [r["variant"] for r in rows] == ["plain", "static"]
+    assert all(r["identical"] for r in rows) and rows[0]["tokens"] == rows[1]["tokens"] <= 2 * 6
+    assert all(r["tokens"] > 0 and r["tok_per_s"] == r["tokens"] / r["median_s"] for r in rows)
