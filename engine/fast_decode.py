@@ -90,7 +90,6 @@ def fast_generate(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
     state = _state(_base_model(llm))
     length = cache_length(inputs_embeds.shape[1], max_new_tokens)
     rows = inputs_embeds.shape[0] * max(num_beams, 1)
-
     shape = (rows, length, inputs_embeds.dtype, inputs_embeds.device)
 
     def run(active: FastPlan) -> torch.Tensor:
@@ -110,10 +109,11 @@ def fast_generate(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
         except Exception as e:  # noqa: BLE001 - a compiler failure must cost speed, not the caption
             if not active.compile:
                 raise
+            ids = run(replace(active, compile=False))  # fails too if the compiler was not the cause: then that raises
             state.compile_failed = True
             log.warning("Compiled decoding failed (%s: %s); this model decodes without torch.compile from now on",
                         type(e).__name__, e, exc_info=True)
-            return run(replace(active, compile=False))
+            return ids
 
     if plan.decode_thread:
         return _decode_thread().submit(run_with_fallback).result()

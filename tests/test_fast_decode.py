@@ -157,6 +157,11 @@ def test_a_failing_compiler_costs_speed_not_the_caption(tiny_llama_dir, caplog):
         calls.append(1)
         raise RuntimeError("no compiler here")
 
+    # An error that is not the compiler's (here generate refusing max_new_tokens=0) is raised as it is, and the
+    # compiler stays in use.
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ids(model, 1, seed=1, fast=FastPlan(backend=CountingBackend(), mode=None), num_beams=1, max_new_tokens=0)
+    assert not _state(model.llm).compile_failed
     expected = ids(model, 2, seed=1, fast=False, num_beams=4, max_new_tokens=12)
     with caplog.at_level(logging.WARNING, logger="engine.fast_decode"):
         got = ids(model, 2, seed=1, fast=FastPlan(backend=broken, mode=None), num_beams=4, max_new_tokens=12)
