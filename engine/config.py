@@ -95,7 +95,8 @@ class PromptTuningConfig:
     :meth:`from_preset`; ``PromptTuningConfig(preset=...)`` alone only records the name.
     """
 
-    preset: str = "default"  # "default" | "reference" (AFPT's code): a named set of the values below (TUNING_PRESETS)
+    # "default" | "reference" (AFPT's code) | "quick" (minutes on a CPU): named value sets (TUNING_PRESETS)
+    preset: str = "default"
     prompt_len: int = 32  # vectors per prompt set (coarse and fine), shared across classes
     init_std: float = 0.02
     class_max_tokens: int = 24  # tokens for " <class name>" incl. special tokens (AFPT: 68 = 100 - 32)
@@ -119,9 +120,18 @@ class PromptTuningConfig:
     max_texts_per_class: int = 128
     logit_scale_max: float = 100.0  # AFPT clamps exp(logit_scale) to at most 100
     max_classes: int = 50  # more class names are refused: each step encodes every class twice (cost ~ C^2)
+    # Early stop: end the run once `patience` epochs in a row bring the mean epoch loss no lower than
+    # (1 - plateau_tolerance) x the best before them. 0 = off: every epoch runs (AFPT).
+    patience: int = 0
+    plateau_tolerance: float = 0.02
+    # Autocast while encoding the class prompts (the step's cost): "auto" = the model's own half dtype on CUDA (an
+    # fp16 model tunes in fp16 with loss scaling), bf16 on a CPU with native bf16 (AMX), else none | "bf16" | "fp16"
+    # (always with loss scaling) | "no". Caption features, losses and the prompts themselves stay float32.
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
         _check_preset(self.preset)  # an unknown name fails here, not silently later
+        _check_tuning_precision(self.mixed_precision)
 
     @classmethod
     def from_preset(cls, preset: str, **explicit: object) -> PromptTuningConfig:
@@ -136,12 +146,19 @@ TUNING_PRESETS: dict[str, dict[str, object]] = {
     # Reproduces the numbers of AFPT's code (Ming-er/Audio-Free-P-Tuning @0b7d7ee), not only its formulas:
     # BERT's 100-token text length for captions (pads included in the fine pooling through the leaky mask) and for
     # class prompts (68 tokens + 32 prompts), the double embedding pass, float32 features, and its hyper-parameters.
-    # Token lengths are capped to what the CLAP's text tower takes (100 fits every real CLAP here).
+    # Token lengths are capped to what the CLAP's text tower takes (100 fits every real CLAP here). float32 throughout
+    # (no autocast), as the code runs.
     "reference": {
         "mask_padding": False, "double_embedding": True, "pad_captions_to_max": True, "caption_tokens_fp32": True,
         "caption_max_tokens": 100, "class_max_tokens": 68, "train_dropout": True, "prompt_len": 32,
         "init_std": 0.02, "token_temperature": 0.1, "ranking_scale": 5.0, "lr": 2e-3, "weight_decay": 0.01,
-        "epochs": 10, "batch_size": 24, "logit_scale_max": 100.0,
+        "epochs": 10, "batch_size": 24, "logit_scale_max": 100.0, "mixed_precision": "no",
+    },
+    # A run a CPU user can wait for (benchmarks/RESULTS.md, "Prompt tuning": run time and accuracy against
+    # "default"): shorter prompts (each step encodes C x (1 + prompt_len + name tokens) positions twice), fewer
+    # captions per class and epochs, and an early stop once the epoch loss stops falling.
+    "quick": {
+        "prompt_len": 8, "max_texts_per_class": 32, "epochs": 6, "patience": 1,
     },
 }
 
@@ -158,6 +175,14 @@ def tuning_preset(name: str) -> dict[str, object]:
 def _check_preset(name: str) -> None:
     if name not in TUNING_PRESETS:
         raise ConfigError(f"tuning.preset must be one of {', '.join(TUNING_PRESETS)}, got {name!r}")
+
+
+TUNING_PRECISIONS = ("auto", "bf16", "fp16", "no")
+
+
+def _check_tuning_precision(value: str) -> None:
+    if value not in TUNING_PRECISIONS:
+        raise ConfigError(f"tuning.mixed_precision must be one of {', '.join(TUNING_PRECISIONS)}, got {value!r}")
 
 
 @dataclass
@@ -428,6 +453,7 @@ def _validate(config: AppConfig) -> None:
         raise ConfigError(f"llm.quantization must be one of {', '.join(QUANTIZATIONS)}, got {config.llm.quantization!r}")
     if config.llm.dtype not in DTYPES:
         raise ConfigError(f"llm.dtype must be one of {', '.join(DTYPES)}, got {config.llm.dtype!r}")
+    _check_tuning_precision(config.tuning.mixed_precision)
     for name, value in (("caption.rag_k", config.caption.rag_k), ("caption.num_beams", config.caption.num_beams),
                         ("caption.max_new_tokens", config.caption.max_new_tokens),
                         ("caption.batch_size", config.caption.batch_size), ("llm.lora_r", config.llm.lora_r)):

@@ -19,10 +19,12 @@ The defaults deviate from AFPT's code in a few documented places (PromptTuningCo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +37,8 @@ import torch.nn.functional as F
 from engine.atomic import atomic_write, atomic_write_text
 from engine.audio import Audio, Window
 from engine.clap.base import ClapBackend, TextTower, TokenizedText, WindowEmbeddings
-from engine.config import PromptTuningConfig
-from engine.errors import AudioScribeError, ClassifierInputError, ModelLoadError
+from engine.config import TUNING_PRECISIONS, PromptTuningConfig
+from engine.errors import AudioScribeError, ClassifierInputError, ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,11 @@ META_FILE = "prompts.json"  # a readable copy of the header's metadata
 HEADER_KEY = "audioscribe"  # the safetensors header entry holding the metadata as JSON
 FORMAT = "audioscribe-prompts"
 ProgressCallback = Callable[[float, str], None]  # (fraction done, message)
+# fp16 loss scale to start from. With GradScaler's default 2**16 some scaled fp16 gradients overflow and the step is
+# skipped while the scale halves (measured on the tiny CLAP: 2 of 8 steps lost, prompts 30-50 % off float32's), which a
+# run of a few dozen steps (tuning.preset = "quick") cannot spare; at 2**10 none was skipped (prompts within 0.5 %),
+# and gradients are still lifted 1,000x clear of fp16's subnormal range.
+LOSS_SCALE = 2.0 ** 10
 
 
 def _read_prompts_file(file: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -110,6 +117,21 @@ def prompted_class_embeddings(tower: TextTower, class_ids: torch.Tensor, class_m
     return tower.project(tower.sentence_features(hidden, mask))  # [C, D]
 
 
+def prompted_class_pair(tower: TextTower, class_ids: torch.Tensor, class_mask: torch.Tensor, coarse: torch.Tensor,
+                        fine: torch.Tensor, double_embedding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """([C, D], [C, D]) unnormalised class embeddings with the coarse and with the fine prompts ([P, H] each), in one
+    encoder pass over 2C sequences: the same values as two ``prompted_class_embeddings`` calls (each row is encoded
+    on its own; with dropout on, every row still gets its own mask), for one batched pass instead of two."""
+    count = class_ids.shape[0]
+    ids = torch.cat([class_ids, class_ids])  # [2C, L]: each half embedded separately (own dropout when training)
+    tokens = tower.embed_full(ids) if double_embedding else tower.embed_words(ids)  # [2C, L, H]
+    with_coarse, mask = insert_prompts(tokens[:count], class_mask, coarse)
+    with_fine, _ = insert_prompts(tokens[count:], class_mask, fine)
+    inputs, masks = torch.cat([with_coarse, with_fine]), torch.cat([mask, mask])  # [2C, 1+P+L-1, H]
+    embeddings = tower.project(tower.sentence_features(tower.encode(inputs, masks), masks))  # [2C, D]
+    return embeddings[:count], embeddings[count:]
+
+
 def softmax_pool(similarity: torch.Tensor, mask: torch.Tensor | None, temperature: float,
                  mask_padding: bool = True) -> torch.Tensor:
     """[B, L, C] cosines -> [B, C]: Σ_j softmax_j(S/T) · S over the valid positions.
@@ -145,6 +167,7 @@ class CaptionFeatures:
     sentence: torch.Tensor  # [N, D] unit-norm
     tokens: torch.Tensor  # [N, L, D] unit-norm token embeddings (positions after the first), float16 to save memory
     mask: torch.Tensor  # [N, L]
+    key: str = ""  # what they were computed from (texts and settings; training_inputs), to check reuse against
 
 
 @torch.no_grad()
@@ -365,70 +388,113 @@ def training_texts(selection, multi_label: bool) -> TrainingTexts:
 
 
 def tune(clap: ClapBackend, class_names: Sequence[str], data: TrainingTexts, config: PromptTuningConfig | None = None,
-         progress: ProgressCallback | None = None, should_stop: Callable[[], bool] | None = None) -> TunedPrompts:
-    """Learn coarse and fine prompts for ``class_names`` from captions (no audio). Seeded; cancellable."""
-    import time
+         progress: ProgressCallback | None = None, should_stop: Callable[[], bool] | None = None,
+         inputs: tuple[CaptionFeatures, TokenizedText] | None = None) -> TunedPrompts:
+    """Learn coarse and fine prompts for ``class_names`` from captions (no audio). Seeded; cancellable.
 
+    ``progress`` gets the plan first (steps, before any model work), then after every step the elapsed time and
+    an estimate of the rest (:class:`TuningClock`). ``inputs`` are this run's caption features and class ids from
+    :func:`training_inputs` when the caller already has them (e.g. several seeds on the same texts)."""
     config = config or PromptTuningConfig()
     names = list(class_names)
     _check_inputs(names, data, config)
-    started = time.perf_counter()
     tower = clap.text_tower()
+    plan = plan_tuning(len(names), len(data.texts), config)
+    clock = TuningClock(plan, early_stop=config.patience > 0)
+    _report(progress, 0.0, f"{plan.describe()} Embedding the captions…")
+    if inputs is None:
+        inputs = training_inputs(tower, data.texts, names, config)
+    else:
+        _check_reuse(inputs[0], tower, data.texts, config)
+    features, class_ids = inputs
+    clock.features_done()
+    _report(progress, 0.0, f"{len(data.texts):,} captions embedded in {format_duration(clock.features_s)}; timing "
+                           "the first step for an estimate…")
     generator = torch.Generator().manual_seed(config.seed)
     coarse = nn.Parameter(torch.randn(config.prompt_len, tower.hidden_size, generator=generator) * config.init_std)
     fine = nn.Parameter(torch.randn(config.prompt_len, tower.hidden_size, generator=generator) * config.init_std)
     coarse.data, fine.data = coarse.data.to(tower.device), fine.data.to(tower.device)
     optimizer = torch.optim.AdamW([coarse, fine], lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=config.weight_decay)
-    _report(progress, 0.0, f"Embedding {len(data.texts)} captions")
-    features, class_ids = training_inputs(tower, data.texts, names, config)
+    # float16 gradients underflow: fp16 compute (autocast, or an fp16 model) always goes with loss scaling.
+    scaler = torch.amp.GradScaler(tower.device.type, init_scale=LOSS_SCALE,
+                                  enabled=compute_dtype(tower, config) == torch.float16)
     labels = torch.from_numpy(data.labels.astype(np.float32))
     tau = min(clap.logit_scale, config.logit_scale_max)
     order_rng = np.random.default_rng(config.seed)
-    steps_per_epoch = math.ceil(len(data.texts) / config.batch_size)
-    total, step, losses = config.epochs * steps_per_epoch, 0, []
+    step, losses, estimated = 0, [], None
     # Class prompts are encoded by a private view of the tower: its own dropout switch, the shared weights. The
     # served model stays in eval mode throughout, so other sessions' embeddings never see dropout.
     trainer_view = tower.private_view(training=config.train_dropout)
     for epoch in range(config.epochs):
         epoch_losses = []
-        for batch in np.array_split(order_rng.permutation(len(data.texts)), steps_per_epoch):
+        for batch in np.array_split(order_rng.permutation(len(data.texts)), plan.steps_per_epoch):
             if should_stop is not None and should_stop():
                 raise TuningCancelled("Prompt tuning was cancelled")
             index = torch.from_numpy(batch)
             loss = _step_loss(trainer_view, class_ids, coarse, fine, features, index, labels[index], tau, config)
             # Gradients for the prompts only: autograd.grad never writes .grad into the shared weights (which may
             # require grad) and never needs their requires_grad flags changed, so concurrent runs cannot race.
-            coarse.grad, fine.grad = torch.autograd.grad(loss, [coarse, fine])
-            optimizer.step()
+            coarse.grad, fine.grad = torch.autograd.grad(scaler.scale(loss), [coarse, fine])
+            scaler.step(optimizer)  # unscales; skips the step when a scaled gradient overflowed
+            scaler.update()
             epoch_losses.append(loss.item())
             step += 1
-            _report(progress, step / total, f"Epoch {epoch + 1}/{config.epochs}, loss {loss.item():.4f}")
+            clock.step_done()
+            estimated = estimated or clock.estimate().total_s  # the first estimate: one measured step x the plan
+            _report(progress, step / plan.steps, clock.message(epoch, loss.item()))
         losses.append(float(np.mean(epoch_losses)))
+        if plateaued(losses, config.patience, config.plateau_tolerance):
+            break
     report = {"epoch_losses": losses, "texts": len(data.texts), "texts_per_class": data.labels.sum(0).astype(int)
-              .tolist(), "seconds": round(time.perf_counter() - started, 2), "steps": step}
+              .tolist(), "seconds": round(clock.elapsed_s, 2), "steps": step, "steps_planned": plan.steps,
+              "stopped_early": len(losses) < config.epochs, "features_seconds": round(clock.features_s, 2),
+              "step_seconds": round(clock.step_cost() or 0.0, 3), "estimated_seconds": round(estimated or 0.0, 1),
+              "compute_dtype": str(compute_dtype(tower, config)).removeprefix("torch.")}
     return TunedPrompts(names, coarse.detach().cpu(), fine.detach().cpu(), config, clap.name, clap.fingerprint, report)
 
 
 def training_inputs(tower: TextTower, texts: Sequence[str], class_names: Sequence[str], config: PromptTuningConfig
                     ) -> tuple[CaptionFeatures, TokenizedText]:
-    """The frozen caption features and the class token ids a tuning run trains on, as the config asks."""
+    """The frozen caption features and the class token ids a tuning run trains on, as the config asks. Computed
+    once per run (every epoch reuses them); pass them to :func:`tune` to share them between runs on the same texts
+    and settings (seeds, presets that differ only in training values)."""
     caption_tokens, class_tokens = text_lengths(tower, config)
     features = caption_features(tower, texts, caption_tokens, pad_to_max=config.pad_captions_to_max,
                                 fp32=config.caption_tokens_fp32)
+    features.key = _features_key(tower, texts, config)
     return features, tokenize_classes(tower, class_names, class_tokens)
+
+
+def _features_key(tower: TextTower, texts: Sequence[str], config: PromptTuningConfig) -> str:
+    """The texts and the settings caption features depend on (not the training values: epochs, lr, prompts)."""
+    import hashlib
+
+    settings = (text_lengths(tower, config)[0], config.pad_captions_to_max, config.caption_tokens_fp32)
+    return hashlib.sha256(json.dumps([list(texts), settings]).encode()).hexdigest()
+
+
+def _check_reuse(features: CaptionFeatures, tower: TextTower, texts: Sequence[str], config: PromptTuningConfig
+                 ) -> None:
+    if features.key != _features_key(tower, texts, config):
+        raise ClassifierInputError("The precomputed caption features are for other texts or caption settings "
+                                   "(caption_max_tokens, pad_captions_to_max, caption_tokens_fp32); compute them "
+                                   "with training_inputs for this run")
 
 
 def branch_cosines(tower: TextTower, class_ids: TokenizedText, coarse: torch.Tensor, fine: torch.Tensor,
                    features: CaptionFeatures, index: torch.Tensor, config: PromptTuningConfig
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-time (coarse, fine) cosines [B, C] of the captions ``index`` against the prompted classes; the
-    logits are τ times these (single-label), the ranking loss takes them as they are (multi-label)."""
+    logits are τ times these (single-label), the ranking loss takes them as they are (multi-label).
+
+    Only the class-prompt encoding runs under autocast (``tuning.mixed_precision``): it is the step's cost, while
+    the cosines are scaled by τ up to 100, so they are computed in float32."""
     device = coarse.device
-    t = F.normalize(prompted_class_embeddings(tower, class_ids.input_ids, class_ids.attention_mask, coarse,
-                                              config.double_embedding).float(), dim=-1)  # [C, D]
-    f = F.normalize(prompted_class_embeddings(tower, class_ids.input_ids, class_ids.attention_mask, fine,
-                                              config.double_embedding).float(), dim=-1)  # [C, D]
+    with _autocast(tower, config):
+        t, f = prompted_class_pair(tower, class_ids.input_ids, class_ids.attention_mask, coarse, fine,
+                                   config.double_embedding)  # [C, D] each
+    t, f = F.normalize(t.float(), dim=-1), F.normalize(f.float(), dim=-1)
     sentence = features.sentence[index].to(device)  # [B, D]
     tokens = features.tokens[index].to(device).float()  # [B, L, D]
     coarse_cos = sentence @ t.T  # [B, C]
@@ -446,6 +512,176 @@ def _step_loss(tower, class_ids, coarse, fine, features: CaptionFeatures, index,
                                                                                        config.ranking_scale)
     target = labels.argmax(dim=1)
     return F.cross_entropy(tau * coarse_cos, target) + F.cross_entropy(tau * fine_cos, target)
+
+
+def plateaued(losses: Sequence[float], patience: int, tolerance: float) -> bool:
+    """True when the last ``patience`` epoch losses are all above (1 - tolerance) x the best loss before them: the
+    loss has stopped falling. Never with ``patience`` 0 or before patience + 1 epochs."""
+    if patience <= 0 or len(losses) <= patience:
+        return False
+    return min(losses[-patience:]) > (1.0 - tolerance) * min(losses[:-patience])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# mixed precision
+
+
+def _weights_dtype(tower: TextTower) -> torch.dtype:
+    return next((p.dtype for p in tower.frozen_parameters() if p.is_floating_point()), torch.float32)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where oneDNN runs bf16 matmuls natively;
+    elsewhere bf16 is emulated and slower than float32."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    try:
+        return any(getattr(torch._C._cpu, name)() for name in checks if hasattr(torch._C._cpu, name))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(tower: TextTower, setting: str) -> torch.dtype | None:
+    """The autocast dtype for encoding class prompts, or None (no autocast: the model's own dtype).
+
+    "auto": on CUDA the model's own dtype (fp16 or bf16 weights already compute in half precision; float32 stays
+    float32); on a CPU bf16 where it is native (measured faster than float32 on an AMX Xeon:
+    benchmarks/RESULTS.md), else none."""
+    if setting not in TUNING_PRECISIONS:
+        raise ConfigError(f"tuning.mixed_precision must be one of {', '.join(TUNING_PRECISIONS)}, got {setting!r}")
+    if setting == "no":
+        return None
+    if setting in ("bf16", "fp16"):
+        return torch.bfloat16 if setting == "bf16" else torch.float16
+    if tower.device.type == "cpu" and _weights_dtype(tower) == torch.float32 and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def compute_dtype(tower: TextTower, config: PromptTuningConfig) -> torch.dtype:
+    """The dtype the class-prompt encoding computes in: the autocast dtype, or the model's own."""
+    return autocast_dtype(tower, config.mixed_precision) or _weights_dtype(tower)
+
+
+def _autocast(tower: TextTower, config: PromptTuningConfig):
+    dtype = autocast_dtype(tower, config.mixed_precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(tower.device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# run time: the plan, the clock, the estimate
+
+
+@dataclass(frozen=True)
+class TuningPlan:
+    """How many optimizer steps a run takes (at most: an early stop may end it sooner). Arithmetic only."""
+
+    classes: int
+    texts: int
+    epochs: int
+    batch_size: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.texts / self.batch_size)
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def describe(self) -> str:
+        return (f"Tuning {self.classes} classes on {self.texts:,} captions: {self.steps:,} steps ({self.epochs} "
+                f"epochs × {self.steps_per_epoch}).")
+
+
+def plan_tuning(classes: int, texts: int, config: PromptTuningConfig) -> TuningPlan:
+    return TuningPlan(classes, texts, config.epochs, config.batch_size)
+
+
+@dataclass(frozen=True)
+class TuningEstimate:
+    """Where a run stands in time: measured so far, and the rest at the measured cost per step."""
+
+    steps_done: int
+    steps: int  # planned
+    elapsed_s: float  # since the run began, caption features included
+    step_s: float | None  # the cost per step the rest is estimated with (None before the first step)
+    early_stop: bool  # the run may end before `steps` (tuning.patience): the remaining time is then an upper bound
+
+    @property
+    def remaining_s(self) -> float | None:
+        return None if self.step_s is None else (self.steps - self.steps_done) * self.step_s
+
+    @property
+    def total_s(self) -> float | None:
+        remaining = self.remaining_s
+        return None if remaining is None else self.elapsed_s + remaining
+
+    def describe(self) -> str:
+        if self.remaining_s is None:
+            return f"{format_duration(self.elapsed_s)} elapsed"
+        bound = "at most " if self.early_stop else ""
+        return f"{format_duration(self.elapsed_s)} elapsed, {bound}≈ {format_duration(self.remaining_s)} left"
+
+
+class TuningClock:
+    """Times a run: the caption features, then every step. The rest of the run is estimated as the remaining steps
+    times the cost per step measured so far: the first step alone until there are others, then the mean of the
+    latest ``window`` steps after it (the first carries warm-up; the window follows a machine whose load changes).
+
+    ``clock`` is injectable (tests)."""
+
+    def __init__(self, plan: TuningPlan, early_stop: bool = False, window: int = 20,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.plan, self.early_stop, self.window = plan, early_stop, window
+        self._clock = clock or time.perf_counter
+        self.started = self._last = self._clock()
+        self.features_s = 0.0
+        self.step_times: list[float] = []
+
+    def features_done(self) -> None:
+        now = self._clock()
+        self.features_s, self._last = now - self.started, now
+
+    def step_done(self) -> None:
+        now = self._clock()
+        self.step_times.append(now - self._last)
+        self._last = now
+
+    @property
+    def elapsed_s(self) -> float:
+        return self._last - self.started
+
+    def step_cost(self) -> float | None:
+        later = self.step_times[1:][-self.window:]
+        return float(np.mean(later)) if later else (self.step_times[0] if self.step_times else None)
+
+    def estimate(self) -> TuningEstimate:
+        return TuningEstimate(len(self.step_times), self.plan.steps, self.elapsed_s, self.step_cost(),
+                              self.early_stop)
+
+    def message(self, epoch: int, loss: float) -> str:
+        """The progress line after a step: where the run is, its loss, the time spent and the time left."""
+        done = len(self.step_times)
+        return (f"Step {done:,}/{self.plan.steps:,} (epoch {epoch + 1}/{self.plan.epochs}), loss {loss:.4f}: "
+                f"{self.estimate().describe()}")
+
+
+def format_duration(seconds: float) -> str:
+    """42 s, 6 min 05 s, 1 h 04 min."""
+    whole = round(max(0.0, float(seconds)))
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        minutes, rest = divmod(whole, 60)
+        return f"{minutes} min {rest:02d} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checks
 
 
 def _check_inputs(names: list[str], data: TrainingTexts, config: PromptTuningConfig) -> None:

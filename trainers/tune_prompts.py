@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,14 @@ from engine.classifier import build_zero_shot_classifier, parse_class_names
 from engine.config import TUNING_PRESETS, load_config
 from engine.errors import AudioScribeError, ClassifierInputError
 from engine.metrics import accuracy, macro_map
-from engine.prompt_tuning import PromptedClassifier, TrainingTexts, TunedPrompts, training_texts, tune
+from engine.prompt_tuning import (
+    PromptedClassifier,
+    TrainingTexts,
+    TunedPrompts,
+    training_inputs,
+    training_texts,
+    tune,
+)
 from engine.service import AudioScribe
 from trainers.inputs import AUDIO_EXTENSIONS
 
@@ -113,14 +120,28 @@ def corpus_texts(path: Path, label_set: str | None, class_names: Sequence[str] |
     return texts, labels, list(names)
 
 
-def run(scribe: AudioScribe, class_names: list[str], texts: TrainingTexts | None, eval_path: Path | None,
+@dataclass
+class EvalAudio:
+    """Labelled evaluation audio, embedded once and reused by every seed (and every preset a benchmark compares)."""
+
+    labels: np.ndarray  # [N, C] multi-hot over the class names
+    embedded: list[tuple[torch.Tensor, torch.Tensor]]  # (clip [D], frames [T, D]) per file
+
+
+def eval_audio(scribe: AudioScribe, path: Path, class_names: Sequence[str], show_progress: bool) -> EvalAudio:
+    sources, labels = labelled_audio(path, class_names)
+    return EvalAudio(labels, embed_eval_audio(scribe, sources, show_progress))
+
+
+def run(scribe: AudioScribe, class_names: list[str], texts: TrainingTexts | None, evaluation: Path | EvalAudio | None,
         seeds: Sequence[int], multi_label: bool, base_to_new: bool, out: Path | None, show_progress: bool) -> dict:
+    """Tune for each seed (and evaluate when given labelled audio: a path, or audio already embedded). What does
+    not depend on the seed is computed once: the training texts' caption features, the evaluation audio's
+    embeddings and the zero-shot scores."""
     config = replace(scribe.config.tuning, multi_label=multi_label)
     templates = scribe.config.classify.templates
-    embedded, labels = None, None
-    if eval_path is not None:
-        sources, labels = labelled_audio(eval_path, class_names)
-        embedded = embed_eval_audio(scribe, sources, show_progress)
+    if isinstance(evaluation, Path):
+        evaluation = eval_audio(scribe, evaluation, class_names, show_progress)
     split = len(class_names) // 2 if base_to_new else len(class_names)
     base = class_names[:split]
     results: dict = {"classes": class_names, "base": base, "new": class_names[split:], "seeds": [], "metric":
@@ -129,35 +150,43 @@ def run(scribe: AudioScribe, class_names: list[str], texts: TrainingTexts | None
     if texts is not None and base_to_new:  # keep only the base classes' texts
         keep = data.labels[:, :split].sum(1) > 0
         data = TrainingTexts([t for t, k in zip(data.texts, keep) if k], data.labels[keep][:, :split])
+    inputs = training_inputs(scribe.clap.text_tower(), data.texts, base, config) if len(seeds) > 1 else None
+    zero_shot: dict[str, float] = {}  # per group, filled by the first seed's evaluation
     for seed in seeds:
         prompts = tune(scribe.clap, base, data, replace(config, seed=seed),
-                       progress=_bar(show_progress, f"Tuning (seed {seed})"))
-        row = {"seed": seed, "seconds": prompts.report["seconds"], "final_loss": prompts.report["epoch_losses"][-1]}
+                       progress=_bar(show_progress, f"Tuning (seed {seed})"), inputs=inputs)
+        row = {"seed": seed, "seconds": prompts.report["seconds"], "final_loss": prompts.report["epoch_losses"][-1],
+               "steps": prompts.report["steps"]}
         if out is not None:
             prompts.save(out / f"seed{seed}")
-        if embedded is not None:
-            row.update(evaluate_split(scribe, prompts, class_names, split, embedded, labels, multi_label, templates))
+        if evaluation is not None:
+            row.update(evaluate_split(scribe, prompts, class_names, split, evaluation, multi_label, templates,
+                                      zero_shot))
         results["seeds"].append(row)
     results["summary"] = summarise(results["seeds"])
     return results
 
 
-def evaluate_split(scribe, prompts: TunedPrompts, class_names, split, embedded, labels, multi_label, templates
-                   ) -> dict:
+def evaluate_split(scribe, prompts: TunedPrompts, class_names, split, evaluation: EvalAudio, multi_label, templates,
+                   zero_shot: dict[str, float] | None = None) -> dict:
     """Zero-shot vs tuned on all classes; with a base/new split also on each half (prompts are shared, so new class
-    names get the prompts learned on the base classes)."""
-    row = {}
+    names get the prompts learned on the base classes). ``zero_shot`` caches the zero-shot metric per group (it does
+    not depend on the prompts)."""
+    row, zero_shot = {}, {} if zero_shot is None else zero_shot
+    labels = evaluation.labels
     groups = {"all": list(range(len(class_names)))}
     if split < len(class_names):
         groups = {"base": list(range(split)), "new": list(range(split, len(class_names)))}
     for group, columns in groups.items():
         names = [class_names[c] for c in columns]
         rows = labels[:, columns].sum(1) > 0  # clips of these classes
-        subset = [e for e, keep in zip(embedded, rows) if keep]
+        subset = [e for e, keep in zip(evaluation.embedded, rows) if keep]
         group_labels = labels[rows][:, columns]
-        zero_shot = build_zero_shot_classifier(scribe.clap, names, templates)
+        if group not in zero_shot:
+            template = build_zero_shot_classifier(scribe.clap, names, templates)
+            zero_shot[group] = metric(score(template, subset, multi_label, False), group_labels, multi_label)
         tuned = PromptedClassifier(scribe.clap, replace(prompts, class_names=names))
-        row[f"{group}_zero_shot"] = metric(score(zero_shot, subset, multi_label, False), group_labels, multi_label)
+        row[f"{group}_zero_shot"] = zero_shot[group]
         row[f"{group}_tuned"] = metric(score(tuned, subset, multi_label, True), group_labels, multi_label)
     if "new" in groups:
         row["harmonic_tuned"] = _harmonic(row["base_tuned"], row["new_tuned"])
