@@ -96,21 +96,25 @@ class ClapFeatures(nn.Module):
 
     def pad(self, windows: Sequence[np.ndarray | torch.Tensor], edge: int = 0) -> torch.Tensor:
         """Windows -> [B, edge + max_samples + edge] float64 on the module's device: each window padded on its own
-        to ``max_samples`` (``padding``), with ``edge`` samples left free (zeros) on both sides."""
+        to ``max_samples`` (``padding``); the ``edge`` samples on both sides are left for the caller to fill."""
         self.check(windows)
-        device = self.window.device
-        out = torch.zeros(len(windows), edge + self.max_samples + edge, dtype=torch.float64, device=device)
+        size = self.max_samples
+        out = torch.empty(len(windows), edge + size + edge, dtype=torch.float64, device=self.window.device)
         for row, window in enumerate(windows):
-            samples = torch.as_tensor(window).reshape(-1).to(device)
+            samples = torch.as_tensor(window).reshape(-1).to(out.device)
             length = samples.numel()
             if self.padding == "repeatpad":
-                repeats = self.max_samples // length  # int(max / len): whole copies only, zeros after
+                copies = size // length  # int(max / len) whole copies, zeros after
             elif self.padding == "repeat":
-                repeats = -(-self.max_samples // length)  # past the end, then cut
+                copies = -(-size // length)  # past the end, cut at max
             else:
-                repeats = 1
-            tiled = samples.repeat(repeats)[:self.max_samples]
-            out[row, edge:edge + tiled.numel()] = tiled
+                copies = 1
+            whole = min(copies, size // length)  # copies that fit entirely
+            filled = whole * length
+            out[row, edge:edge + filled].view(whole, length).copy_(samples)  # broadcast: no tiled temporary
+            tail = min(size, copies * length) - filled  # "repeat": the part of the last copy that fits
+            out[row, edge + filled:edge + filled + tail] = samples[:tail]
+            out[row, edge + filled + tail:edge + size] = 0.0
         return out
 
     def forward(self, windows: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
