@@ -28,7 +28,7 @@ from engine.clap.base import WindowEmbeddings
 from engine.classifier import Classification, parse_class_names
 from engine.config import CaptionConfig
 from engine.errors import AudioScribeError, ClassifierInputError
-from engine.prompt_tuning import META_FILE, PROMPTS_FILE, TunedPrompts, TuningCancelled
+from engine.prompt_tuning import META_FILE, PROMPTS_FILE, TunedPrompts, TuningCancelled, format_duration
 from engine.service import AudioScribe, top_caption_rows
 
 CAPTION_COLUMNS = ["rank", "caption", "similarity"]
@@ -322,9 +322,12 @@ class ClassifyHandlers(ServiceHandlers):
         steps = [0]
 
         def report(fraction: float, message: str) -> None:
-            steps[0] += fraction > 0  # every training step reports its fraction done; the set-up reports 0
+            # The engine reports the plan (steps) first, then after every step its fraction done with the time
+            # spent and the time left (from the measured cost per step); set-up lines report 0.
+            steps[0] += fraction > 0
             progress(fraction, desc=message)
 
+        report(0.0, f"Choosing training captions for {len(names)} classes…")
         try:
             prompts = self.service.tune_prompts(names, multi_label=multi_label, progress=report,
                                                 should_stop=lambda: session in self._stop_requests, domain=domain)
@@ -336,7 +339,18 @@ class ClassifyHandlers(ServiceHandlers):
             self._running.discard(session)
             self._stop_requests.discard(session)
         status, table = tuning_report(prompts)
-        return status, table, prompts, self.export(prompts)
+        return f"{status}\n\n{self.timing_note(prompts)}", table, prompts, self.export(prompts)
+
+    @staticmethod
+    def timing_note(prompts: TunedPrompts) -> str:
+        """How long the run took against the estimate made after its first step, and whether it stopped early."""
+        r = prompts.report
+        note = (f"Run time {format_duration(r.get('seconds', 0))} (estimated after the first step: "
+                f"{format_duration(r.get('estimated_seconds', 0))}; preset `{prompts.config.preset}`).")
+        if r.get("stopped_early"):
+            note += (f" Stopped early after {len(r.get('epoch_losses', []))} of {prompts.config.epochs} epochs: "
+                     "the loss had stopped falling.")
+        return note
 
     def stop_tuning(self, request: gr.Request = None) -> str:
         """Ask this session's tuning run to stop after its current step; says so, or that nothing is running."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from types import SimpleNamespace
 
 import gradio as gr
@@ -194,6 +195,27 @@ def test_tuning_reports_a_table_and_warns_about_classes_no_caption_mentions(hand
     assert lines[5].startswith("| zzqx | 0 | 0 | ")
     loaded = TunedPrompts.load(files[0], service.clap)
     assert files[0].endswith(PROMPTS_FILE) and loaded.class_names == ["dog", "zzqx", "blorft"]
+
+
+def test_tuning_shows_the_plan_at_once_and_the_time_left_at_every_step(handlers):
+    lines = []
+
+    class Progress:  # what gr.Progress receives
+        def __call__(self, fraction, desc=None):
+            lines.append((fraction, desc))
+
+    status, _, prompts, _ = handlers.classify.tune(CLASSES, False, None, request=session("clock"),
+                                                   progress=Progress())
+    steps = prompts.report["steps_planned"]
+    assert lines[0] == (0.0, "Choosing training captions for 3 classes…")  # shown as soon as Tune is pressed
+    assert lines[1][0] == 0.0 and lines[1][1].startswith(f"Tuning 3 classes on {prompts.report['texts']} captions: "
+                                                         f"{steps} steps")
+    updates = [desc for fraction, desc in lines if fraction > 0]
+    assert len(updates) == prompts.report["steps"] == steps
+    assert all(re.fullmatch(rf"Step {k}/{steps} \(epoch \d+/\d+\), loss [\d.]+: \d+ s elapsed, ≈ \d+ s left", desc)
+               for k, desc in enumerate(updates, start=1))
+    assert updates[-1].endswith("≈ 0 s left")
+    assert re.search(r"Run time \d+ s \(estimated after the first step: \d+ s; preset `default`\)\.", status)
 
 
 def test_selection_counts_read_the_engines_report(service):

@@ -9,8 +9,10 @@ from app.handlers import COMPARISON_COLUMNS, WINDOW_CLASS_COLUMNS, ClassifyHandl
 from app.tabs.common import HEAVY, LIGHT, UI_ONLY, example_clips, headline_label
 
 TUNE_HELP = ("*Tune prompts* learns prompt vectors for the class names above from datastore captions that mention "
-             "them (no audio needed); *Classify* then shows tuned next to zero-shot scores. Tuned prompts stay in "
-             "this browser session: download them to keep them, upload them to use them again.")
+             "them (no audio needed); *Classify* then shows tuned next to zero-shot scores. The progress line gives "
+             "the number of steps at once and, from the first step on, the time spent and an estimate of the time "
+             "left (a run grows with the square of the class count). Tuned prompts stay in this browser session: "
+             "download them to keep them, upload them to use them again.")
 NOT_TUNED = "No prompts tuned in this session yet."
 
 
