@@ -17,7 +17,11 @@ Why not transformers' own path (``cache_implementation="static"`` + ``compile_co
 greedy decoding only (``_beam_search`` calls the eager forward; DRCap decodes with 4 beams) and never compiles a
 bitsandbytes model (``Bnb4BitHfQuantizer.is_compileable`` is False, see ``_valid_auto_compile_criteria``), which is
 what runs on a GPU in production (nf4). Our loop compiles both, fp16 and nf4 alike: 4-bit models take exactly the same
-code path as fp16 ones (bitsandbytes 0.50's 4-bit matmul is a registered torch op); this could not be run here (no GPU).
+code path as fp16 ones (bitsandbytes 0.50's 4-bit matmul is a registered torch op). Tested here (no GPU): fp32 models,
+peft-wrapped or not, eager, dynamo-traced and (in the benchmark) inductor-compiled, and nf4 through bitsandbytes' CPU
+kernels with the eager static cache. Compiled nf4 and CUDA graphs run only on a GPU (benchmarks/bench_gpu.py). In half
+precision on a GPU, compiled kernels may round differently from eager ones, so a near-tie between two tokens can go
+the other way there; fp32 on the CPU gives the same ids in every test and benchmark row.
 
 Per device (:func:`default_plan`):
 
@@ -28,7 +32,7 @@ Per device (:func:`default_plan`):
   caches that are reused call after call. The thread is also the answer to concurrency: two requests never share a
   static cache because their decodes take turns on that thread (on one GPU their kernels would take turns on the
   device anyway). If compilation fails, the model decodes without compiling from then on (logged once).
-- CPU: plain ``generate`` (see :data:`CPU_DECISION` for the measurements that decided it). Tests and the benchmark
+- CPU: plain ``generate`` (the measurements that decided it are in the comment above :data:`CPU_DECISION`). Tests and the benchmark
   force the static cache and/or compilation on the CPU with an explicit :class:`FastPlan`; then each call gets its
   own static cache (nothing shared between concurrent calls) and may run in any thread.
 """
@@ -51,10 +55,18 @@ log = logging.getLogger(__name__)
 CACHE_BUCKET = 128  # static caches are sized to prompt + new tokens rounded up to this: prompts of other lengths reuse
 CACHE_POOL_SIZE = 4  # static caches kept per model on the decode thread (one per (rows, length) shape, least recent out)
 
-# The CPU decision, measured with benchmarks/bench_decoding.py (see benchmarks/RESULTS.md, "Decoding"): on the CPU the
-# static cache alone is slower than plain generate (it attends over the whole bucket every step), and compiling the
-# decode step (inductor) costs tens of seconds per shape for no gain on models big enough to matter.
-CPU_DECISION = "plain generate on the CPU (static cache and torch.compile measured slower or no faster)"
+# The CPU decision, measured with benchmarks/bench_decoding.py (benchmarks/RESULTS.md, "Decoding"; four runs on the
+# shared 2-core machine, one torch thread, 48 new tokens, random Llamas of hidden 64 x 2 layers and 512 x 4 layers,
+# greedy / beam 4 / beam 4 over 4 left-padded rows), tokens/s against plain generate in the same run:
+# - the static cache alone: 0.69-1.43x, below 1 in most rows (each step attends over the whole bucketed cache and
+#   beam search copies the whole cache to reorder it);
+# - the compiled decode step (inductor): 0.55-3.6x once compiled; for the 512 x 4 model with beam search (the app
+#   decodes with 4 beams) 0.88-1.16x; and compiling took 27-89 s (cold cache) on the first call of each new shape
+#   family (batch 1 first, once more when beams or batches change), paid by the first users.
+# So the CPU decodes with plain generate. The token ids of every variant equalled plain generate's in every row.
+CPU_DECISION = ("the CPU decodes with plain generate: the static cache alone is no faster there, and the compiled "
+                "decode step, after tens of seconds of compilation per new shape on the first requests, gains little "
+                "or nothing with beam search on the larger model")
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,11 @@ def fast_generate(llm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: t
     if plan.decode_thread:
         return _decode_thread().submit(run_with_fallback).result()
     return run_with_fallback()
+
+
+def compile_failed(llm: nn.Module) -> bool:
+    """Whether compiling the decode step failed for this model (it then decodes with the static cache, eagerly)."""
+    return _state(_base_model(llm)).compile_failed
 
 
 # --------------------------------------------------------------------------------------------------------------------
