@@ -3,7 +3,8 @@
 Token-identical to ``llm.generate`` (greedy and beam search, any repetition penalty, left-padded batches): the call
 goes through transformers' own ``generate``, which prepares everything exactly as for plain decoding (expanded beams,
 attention mask, position ids, logits processors such as the repetition penalty, stopping criteria); only the loop that
-follows is ours (``custom_generate``), and it mirrors transformers 5.23's ``_sample`` and ``_beam_search`` step for step.
+follows is ours (``custom_generate``), and it mirrors transformers 5.23's ``_sample`` and ``_beam_search`` step for
+step.
 What differs:
 
 - the KV cache is a ``StaticCache`` of a fixed, bucketed length (tensors at fixed addresses, shapes that repeat);
@@ -32,9 +33,9 @@ Per device (:func:`default_plan`):
   caches that are reused call after call. The thread is also the answer to concurrency: two requests never share a
   static cache because their decodes take turns on that thread (on one GPU their kernels would take turns on the
   device anyway). If compilation fails, the model decodes without compiling from then on (logged once).
-- CPU: plain ``generate`` (the measurements that decided it are in the comment above :data:`CPU_DECISION`). Tests and the benchmark
-  force the static cache and/or compilation on the CPU with an explicit :class:`FastPlan`; then each call gets its
-  own static cache (nothing shared between concurrent calls) and may run in any thread.
+- CPU: plain ``generate`` (the measurements that decided it are in the comment above :data:`CPU_DECISION`). Tests
+  and the benchmark force the static cache and/or compilation on the CPU with an explicit :class:`FastPlan`; then
+  each call gets its own static cache (nothing shared between concurrent calls) and may run in any thread.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 128  # static caches are sized to prompt + new tokens rounded up to this: prompts of other lengths reuse
-CACHE_POOL_SIZE = 4  # static caches kept per model on the decode thread (one per (rows, length) shape, least recent out)
+CACHE_POOL_SIZE = 4  # static caches kept per model on the decode thread (one per shape; the least recent goes)
 
 # The CPU decision, measured with benchmarks/bench_decoding.py (benchmarks/RESULTS.md, "Decoding"; four runs on the
 # shared 2-core machine, one torch thread, 48 new tokens, random Llamas of hidden 64 x 2 layers and 512 x 4 layers,
