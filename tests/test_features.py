@@ -116,6 +116,20 @@ def test_fused_features_match_the_extractor_and_is_longer_stays_false():
     assert_close(ClapFeatures.from_extractor(extractor)(batch), reference["input_features"])
 
 
+def test_concurrent_callers_get_their_own_results():
+    """The CPU buffers kept between calls are shared by every caller of the module (the app embeds from several
+    threads): results must not mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    features = ClapFeatures.from_extractor(ClapFeatureExtractor(truncation="rand_trunc"))
+    batches = [[noise_clip(s, 48_000, seed=i)] for i, s in enumerate([10.0, 0.2, 4.0, 10.0, 1.0, 7.0])]
+    expected = [features(batch) for batch in batches]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(features, batches * 3))
+    for i, result in enumerate(results):
+        assert torch.equal(result, expected[i % len(batches)])
+
+
 def test_bad_windows_and_settings_are_typed_errors():
     features = ClapFeatures.from_extractor(ClapFeatureExtractor(truncation="rand_trunc"))
     with pytest.raises(EmptyAudioError):

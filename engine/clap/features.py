@@ -1,7 +1,7 @@
 """LAION-CLAP input features in torch: what ``transformers.ClapFeatureExtractor`` computes, batched, on any device.
 
 The HF extractor loops over STFT frames in numpy (30-100 ms for a 10-s clip at 48 kHz on 2 cores);
-:class:`ClapFeatures` computes the same log-mel spectrogram with one batched ``torch.stft``
+:class:`ClapFeatures` computes the same log-mel spectrogram with one ``torch.fft.rfft`` over framed windows
 (benchmarks/bench_features.py). It covers the only path the backend uses: windows of at most ``nb_max_samples``
 (the base class never hands it longer ones, so the extractor's random crops and random fusion chunks never apply):
 
@@ -18,9 +18,16 @@ Precision: the STFT runs in float64, as the extractor's does. A float32 FFT has 
 the frame's loudest bin, which lifts bins that float64 puts at the -100 dB floor by up to 0.25 dB for a sine or a
 chirp (measured: max error / max |value| 2.4e-3 for float32, 8e-8 for float64). The spectrum is then rounded to
 complex64, as the extractor stores it, and the mel product and the log run in float32 (relative error ~1e-6).
+
+CPU: rows are computed one chunk at a time in buffers the module keeps (about 23 MB for a row of 10 s at 48 kHz). Fresh
+buffers of this size are fresh pages from the kernel on most calls (glibc returns them between calls), and the page
+faults alone cost about as much as the FFT on a small virtual machine. One lock guards the buffers, so concurrent
+callers take turns for the few milliseconds the features take. On a GPU the caching allocator already reuses memory
+and the whole batch is one chunk.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,7 +52,7 @@ class ClapFeatures(nn.Module):
     instead, a deliberate difference from both, so a window's embedding depends on its own samples only.
     """
 
-    cpu_chunk = 2  # rows per STFT on the CPU (benchmarks/bench_features.py measures the choice)
+    cpu_chunk = 1  # rows per FFT call on the CPU (least CPU time per row in benchmarks/bench_features.py)
 
     def __init__(self, *, max_samples: int, n_fft: int, hop_length: int, window: np.ndarray, mel_filters: np.ndarray,
                  padding: str = "repeatpad", fused: bool = False) -> None:
@@ -55,6 +62,8 @@ class ClapFeatures(nn.Module):
         if max_samples <= n_fft // 2:  # reflect padding needs more samples than half a frame
             raise ConfigError(f"a CLAP window of {max_samples} samples is too short for an FFT of {n_fft}")
         self.max_samples, self.n_fft, self.hop_length = int(max_samples), int(n_fft), int(hop_length)
+        self._workspace: dict[str, torch.Tensor] = {}  # CPU buffers reused across calls (see the module docstring)
+        self._workspace_lock = threading.Lock()
         self.padding, self.fused = padding, bool(fused)
         self.register_buffer("window", torch.as_tensor(np.asarray(window, dtype=np.float64)), persistent=False)
         filters = torch.as_tensor(np.asarray(mel_filters, dtype=np.float32))  # [n_fft/2+1, mels]
@@ -94,12 +103,15 @@ class ClapFeatures(nn.Module):
                 raise AudioTooLongError(f"An audio window of {length} samples is longer than the {self.max_samples} "
                                         "the CLAP model sees at once; cut the audio into shorter windows.")
 
-    def pad(self, windows: Sequence[np.ndarray | torch.Tensor], edge: int = 0) -> torch.Tensor:
-        """Windows -> [B, edge + max_samples + edge] float64 on the module's device: each window padded on its own
-        to ``max_samples`` (``padding``); the ``edge`` samples on both sides are left for the caller to fill."""
+    def pad(self, windows: Sequence[np.ndarray | torch.Tensor], edge: int = 0,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """Windows -> [B, edge + max_samples + edge] float64 on the module's device (in ``out`` when given): each
+        window padded on its own to ``max_samples`` (``padding``); the ``edge`` samples on both sides are left for
+        the caller to fill."""
         self.check(windows)
         size = self.max_samples
-        out = torch.empty(len(windows), edge + size + edge, dtype=torch.float64, device=self.window.device)
+        if out is None:
+            out = torch.empty(len(windows), edge + size + edge, dtype=torch.float64, device=self.window.device)
         for row, window in enumerate(windows):
             samples = torch.as_tensor(window).reshape(-1).to(out.device)
             length = samples.numel()
@@ -120,25 +132,44 @@ class ClapFeatures(nn.Module):
     def forward(self, windows: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Windows (mono, at most ``max_samples`` each) -> [B, 1 or 4, frames, mels] float32 log-mel in dB."""
         self.check(windows)
-        # A few rows at a time on the CPU: the float64 buffers of a whole batch (60 MB of samples and 130 MB of
-        # frames for 16 windows of 10 s) fall out of the caches and are fresh pages on every call.
-        chunk = self.cpu_chunk if self.window.device.type == "cpu" else len(windows)
-        log_mel = torch.cat([self._log_mel(windows[i:i + chunk]) for i in range(0, len(windows), chunk)])
+        if self.window.device.type == "cpu":
+            with self._workspace_lock:
+                chunk = self.cpu_chunk
+                log_mel = torch.cat([self._log_mel(windows[i:i + chunk], self._buffer)
+                                     for i in range(0, len(windows), chunk)])
+        else:
+            log_mel = self._log_mel(windows, None)
         channels = FUSION_CHANNELS if self.fused else 1
         return log_mel[:, None].expand(-1, channels, -1, -1).contiguous()  # [B, C, frames, mels]
 
-    def _log_mel(self, windows: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
-        """Windows -> [B, frames, mels] float32."""
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The kept CPU buffer ``name`` with at least ``shape[0]`` rows, as a view of exactly ``shape``."""
+        buffer = self._workspace.get(name)
+        if buffer is None or buffer.shape[1:] != shape[1:] or buffer.shape[0] < shape[0] or buffer.dtype != dtype:
+            buffer = self._workspace[name] = torch.empty((max(shape[0], self.cpu_chunk), *shape[1:]), dtype=dtype)
+        return buffer[:shape[0]]
+
+    def _log_mel(self, windows: Sequence[np.ndarray | torch.Tensor], buffer) -> torch.Tensor:
+        """Windows -> [B, frames, mels] float32; intermediate results in ``buffer(name, shape, dtype)`` tensors
+        (None: new tensors)."""
+        def space(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+            return buffer(name, shape, dtype) if buffer is not None else None
+
+        rows, edge, size = len(windows), self.n_fft // 2, self.max_samples
         # Centred frames: n_fft/2 reflected samples on each side (what torch.stft / np.pad "reflect" add), written
         # into the same buffer as the padded windows instead of copying them again.
-        edge, size = self.n_fft // 2, self.max_samples
-        waveform = self.pad(windows, edge)  # [B, edge + S + edge] float64
+        waveform = self.pad(windows, edge, out=space("waveform", (rows, edge + size + edge), torch.float64))
         waveform[:, :edge] = waveform[:, edge + 1:2 * edge + 1].flip(-1)
         waveform[:, edge + size:] = waveform[:, size - 1:edge + size - 1].flip(-1)
         frames = waveform.unfold(-1, self.n_fft, self.hop_length)  # [B, frames, n_fft], a view
-        spectrum = torch.fft.rfft(frames * self.window)  # [B, frames, n_fft/2+1] complex128
+        count = frames.shape[1]
+        windowed = torch.mul(frames, self.window, out=space("windowed", (rows, count, self.n_fft), torch.float64))
+        bins = self.n_fft // 2 + 1
+        spectrum = torch.fft.rfft(windowed, out=space("spectrum", (rows, count, bins), torch.complex128))
         # (re, im) of the used bins, rounded to float32 as the extractor rounds its spectrum to complex64
-        parts = torch.view_as_real(spectrum[:, :, self.first_bin:self.end_bin]).to(torch.float32)
+        used = torch.view_as_real(spectrum[:, :, self.first_bin:self.end_bin])  # [B, frames, used bins, 2]
+        parts = space("parts", tuple(used.shape), torch.float32)
+        parts = used.to(torch.float32) if parts is None else parts.copy_(used)
         # |X|^2 @ filters == [re^2, im^2] @ (each filter row twice): the sum of squares happens inside the matmul.
-        mel = torch.matmul(parts.square_().flatten(2), self.mel_filters_pairs)  # [B, frames, mels]
-        return 10.0 * torch.log10(mel.clamp_min(DB_FLOOR))
+        mel = torch.matmul(parts.square_().flatten(2), self.mel_filters_pairs)  # [B, frames, mels], a new tensor
+        return 10.0 * torch.log10(mel.clamp_min_(DB_FLOOR))
