@@ -97,10 +97,11 @@ def test_a_caption_finds_itself_first(store, tiny_clap):
     assert result.captions[0][0] == probe and result.scores[0][0] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_approximate_index_above_the_threshold(tiny_clap, captions):
-    config = DatastoreConfig(exact_max_size=1000, ivf_nprobe=8)
+@pytest.mark.parametrize("kind", ["ivf_sq4", "ivf"])
+def test_approximate_index_above_the_threshold(tiny_clap, captions, kind):
+    config = DatastoreConfig(exact_max_size=1000, ivf_nprobe=8, approximate_index=kind)
     approx = CaptionDatastore.build(captions, tiny_clap, config, show_progress=False)
-    assert approx.manifest.index_type == "ivf"
+    assert approx.manifest.index_type == kind
     q = queries(tiny_clap)
     order, _ = brute_force(approx.embeddings, q, 5)
     result = approx.search(q, k=5)
@@ -111,8 +112,9 @@ def test_approximate_index_above_the_threshold(tiny_clap, captions):
         assert np.all(np.diff(result.scores[row]) <= 1e-6)
     recall = np.mean([len(set(result.indices[r]) & set(order[r])) / 5 for r in range(len(q))])
     assert recall >= 0.6, f"IVF recall@5 {recall} is too low for nprobe=8"
-    # Visiting every cell makes the approximate index exact.
+    # Visiting every cell (and, for coded vectors, re-scoring every candidate) makes the approximate index exact.
     approx.index.nprobe = approx.index.nlist
+    approx.config.rerank_depth = len(approx)
     np.testing.assert_array_equal(approx.search(q, k=5).indices, order)
 
 
@@ -140,11 +142,16 @@ def test_incremental_add_skips_duplicates_and_is_searchable(tiny_clap, captions)
     np.testing.assert_array_equal(grown.search(queries(tiny_clap), k=5).indices, order)
 
 
-def test_growing_past_the_exact_size_switches_to_ivf(tiny_clap, captions):
+def test_growing_past_the_exact_size_switches_to_the_approximate_index(tiny_clap, captions):
     grown = CaptionDatastore.build(captions[:900], tiny_clap, DatastoreConfig(exact_max_size=1000), show_progress=False)
     assert grown.manifest.index_type == "flat"
     grown.add(captions[900:1500], tiny_clap)
-    assert grown.manifest.index_type == "ivf" and grown.index.ntotal == len(grown) == 1500
+    assert grown.manifest.index_type == "ivf_sq4" and grown.index.ntotal == len(grown) == 1500
+    assert grown.manifest.index_params["nlist"] == grown.index.nlist
+    grown.add(["A kazoo solo over a theremin"], tiny_clap)  # an approximate index grows in place
+    assert grown.index.ntotal == 1501
+    assert grown.search(tiny_clap.embed_text(["A kazoo solo over a theremin"]), 1).captions[0] == [
+        "A kazoo solo over a theremin"]
 
 
 def test_save_load_round_trip(store, tiny_clap, tmp_path):
@@ -187,11 +194,13 @@ def test_compact_save_halves_the_embeddings_and_rebuilds_the_exact_index(store, 
     assert reloaded.caption_sources == ["caps.txt"] * 50 and reloaded.captions == named.captions
 
 
-def test_ivf_round_trip(tiny_clap, captions, tmp_path):
-    approx = CaptionDatastore.build(captions, tiny_clap, DatastoreConfig(exact_max_size=1000), show_progress=False)
+@pytest.mark.parametrize("kind", ["ivf_sq4", "ivf"])
+def test_ivf_round_trip(tiny_clap, captions, tmp_path, kind):
+    config = DatastoreConfig(exact_max_size=1000, approximate_index=kind)
+    approx = CaptionDatastore.build(captions, tiny_clap, config, show_progress=False)
     approx.save(tmp_path / "ivf")
-    loaded = CaptionDatastore.load(tmp_path / "ivf", tiny_clap, DatastoreConfig(exact_max_size=1000))
-    assert loaded.manifest.index_type == "ivf"
+    loaded = CaptionDatastore.load(tmp_path / "ivf", tiny_clap, config)
+    assert loaded.manifest.index_type == kind
     q = queries(tiny_clap)
     np.testing.assert_array_equal(loaded.search(q, 5).indices, approx.search(q, 5).indices)
 

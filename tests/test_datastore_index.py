@@ -1,0 +1,131 @@
+"""Datastore search paths: exact search as one matrix product equals faiss's flat search (captions, scores, order,
+ties); the approximate index above exact_max_size keeps recall@5 >= 0.95 on CLAP-like vectors, saves and loads;
+stores saved before it (IVF) still load; faiss thread counts are set per search and restored."""
+from __future__ import annotations
+
+import json
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from engine.config import DatastoreConfig
+from engine.datastore import CaptionDatastore, DatastoreManifest, current_files, exact_search
+from engine.threads import FAISS_PARALLEL_MIN_QUERIES, faiss_threads, faiss_threads_for
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rows / np.linalg.norm(rows, axis=1, keepdims=True), dtype=np.float32)
+
+
+def make_store(vectors: np.ndarray, config: DatastoreConfig | None = None) -> CaptionDatastore:
+    n, dim = vectors.shape
+    manifest = DatastoreManifest(clap_name="test", clap_fingerprint="f" * 16, embedding_dim=dim, size=n)
+    return CaptionDatastore([f"caption {i}" for i in range(n)], ["test"] * n, vectors, manifest, config)
+
+
+def faiss_flat(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return index.search(queries, k)
+
+
+def assert_same_as_faiss(store: CaptionDatastore, queries: np.ndarray, k: int) -> None:
+    found = store.search(queries, k)
+    scores, indices = faiss_flat(store.embeddings, queries, min(k, len(store)))
+    np.testing.assert_array_equal(found.indices, indices)
+    np.testing.assert_allclose(found.scores, scores, rtol=0, atol=1e-6)
+    assert found.captions == [[store.captions[i] for i in row] for row in indices]
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    """5,000 random unit vectors of 64 dims, 300 of them copies of 30 rows (exact duplicates: tied scores)."""
+    rng = np.random.default_rng(0)
+    data = unit(rng.standard_normal((5000, 64)))
+    originals = rng.choice(5000, 30, replace=False)
+    copies = rng.choice(np.setdiff1d(np.arange(5000), originals), 300, replace=False)
+    data[copies] = data[np.resize(originals, 300)]
+    return data
+
+
+# --- exact search ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 8, 64, 300])
+@pytest.mark.parametrize("k", [1, 5, 100])
+def test_exact_search_equals_faiss_flat(vectors, count, k):
+    store = make_store(vectors)
+    assert store.manifest.index_type == "flat"
+    rng = np.random.default_rng(count * 1000 + k)
+    queries = unit(rng.standard_normal((count, 64)))
+    queries[::3] = vectors[rng.choice(len(vectors), len(queries[::3]))]  # datastore rows: duplicates tie at the top
+    assert_same_as_faiss(store, queries, k)
+
+
+def test_exact_ties_are_ordered_as_faiss_orders_them():
+    """Many copies of one vector and near-copies of it: every order among equal scores is faiss's own."""
+    rng = np.random.default_rng(1)
+    data = unit(rng.standard_normal((2000, 32)))
+    data[rng.choice(2000, 40, replace=False)] = data[7]
+    data[rng.choice(2000, 10, replace=False)] = unit(data[7:8] + 1e-7 * rng.standard_normal((1, 32)))
+    store = make_store(data)
+    for k in (1, 3, 10, 45, 60):
+        for queries in (data[7:8], data[[7, 7, 8]], unit(data[7:8] + 0.01 * rng.standard_normal((5, 32)))):
+            assert_same_as_faiss(store, queries, k)
+    _, _, near_ties = exact_search(data, data[[7, 8]], 5)
+    assert near_ties.tolist() == [True, False]
+
+
+def test_k_above_the_store_size_and_no_queries(vectors):
+    small = make_store(vectors[:7].copy())
+    queries = vectors[100:103]
+    found = small.search(queries, 50)
+    assert found.scores.shape == (3, 7) and all(sorted(row) == list(range(7)) for row in found.indices.tolist())
+    assert_same_as_faiss(small, queries, 50)
+    empty = small.search(np.zeros((0, 64), dtype=np.float32), 5)
+    assert empty.captions == [] and empty.scores.shape == (0, 5) and empty.indices.shape == (0, 5)
+
+
+def test_exact_search_in_small_chunks_gives_the_same_result(vectors):
+    queries = unit(np.random.default_rng(2).standard_normal((50, 64)))
+    whole = exact_search(vectors, queries, 5)
+    chunked = exact_search(vectors, queries, 5, chunk_scores=3 * len(vectors))  # 3 queries per matrix product
+    np.testing.assert_array_equal(whole[1], chunked[1])
+    np.testing.assert_array_equal(whole[2], chunked[2])
+    np.testing.assert_allclose(whole[0], chunked[0], rtol=0, atol=1e-6)  # BLAS sums a batch in its own order
+
+
+def test_torch_queries_and_added_rows_are_searched_exactly(vectors):
+    import torch
+
+    store = make_store(vectors[:3000].copy())
+    store.embeddings = np.concatenate([store.embeddings, vectors[3000:]])  # as add() grows it
+    store.index.add(vectors[3000:])
+    store.captions.extend(f"caption {i}" for i in range(3000, 5000))
+    queries = unit(np.random.default_rng(3).standard_normal((4, 64)))
+    assert_same_as_faiss(store, queries, 5)
+    np.testing.assert_array_equal(store.search(torch.from_numpy(queries), 5).indices, store.search(queries, 5).indices)
+
+
+# --- thread settings -------------------------------------------------------------------------------------------------
+
+
+def test_faiss_threads_are_set_for_the_search_and_restored():
+    before = faiss.omp_get_max_threads()
+    with faiss_threads(1):
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == before
+    assert faiss_threads_for(1) == 1 and faiss_threads_for(FAISS_PARALLEL_MIN_QUERIES - 1) == 1
+    assert faiss_threads_for(FAISS_PARALLEL_MIN_QUERIES) >= 1
+
+
+def test_a_thread_count_set_in_one_thread_does_not_reach_another():
+    """Why the engine sets faiss's thread count around each search: libgomp keeps it per thread."""
+    seen = []
+    with faiss_threads(1):
+        worker = threading.Thread(target=lambda: seen.append(faiss.omp_get_max_threads()))
+        worker.start()
+        worker.join()
+    assert seen == [faiss.omp_get_max_threads()]
