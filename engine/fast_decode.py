@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 128  # static caches are sized to prompt + new tokens rounded up to this: prompts of other lengths reuse
 CACHE_POOL_SIZE = 4  # static caches kept per model on the decode thread (one per shape; the least recent goes)
+# ... and at most this many bytes of them besides the one in use: a Vicuna-7B cache for 4 clips x 4 beams x 384 tokens
+# is 3.2 GB (0.5 MB per token and row), which must not stay allocated next to a 4-GB nf4 model on a 16-GB GPU.
+CACHE_POOL_BYTES = 1 << 30
 
 # The CPU decision, measured with benchmarks/bench_decoding.py (benchmarks/RESULTS.md, "Decoding"; four runs on the
 # shared 2-core machine, one torch thread, 48 new tokens, random Llamas of hidden 64 x 2 layers and 512 x 4 layers,
@@ -164,7 +167,9 @@ class _ModelState:
         else:
             cache.reset()
         self.caches[shape] = cache  # most recently used last
-        while len(self.caches) > CACHE_POOL_SIZE:
+        while len(self.caches) > 1 and (len(self.caches) > CACHE_POOL_SIZE
+                                        or sum(map(cache_bytes, self.caches.values())) - cache_bytes(cache)
+                                        > CACHE_POOL_BYTES):
             self.caches.popitem(last=False)
         return cache
 
@@ -188,6 +193,16 @@ def _base_model(llm: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (its LoRA layers are inside it), else ``llm``."""
     get_base = getattr(llm, "get_base_model", None)
     return get_base() if callable(get_base) else llm
+
+
+def cache_bytes(cache) -> int:
+    """Bytes the static cache's key and value tensors hold (0 for layers not yet allocated: they are lazy)."""
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def _new_cache(llm: nn.Module, length: int):

@@ -282,3 +282,22 @@ def test_the_decode_thread_can_hold_cuda_graph_trees():
     # line fails: then _init_cudagraph_thread_state can go.
     assert len(failure) == 1
     assert _decode_thread().submit(container_type).result() == "TreeManagerContainer"
+
+
+def test_the_cache_pool_stays_within_its_byte_budget(tiny_llama_dir, monkeypatch):
+    """Idle static caches are dropped, oldest first, once they hold more than CACHE_POOL_BYTES besides the one in use
+    (a 7B model's caches are gigabytes); the tokens do not change."""
+    import engine.fast_decode as fast_decode
+
+    model = drcap(tiny_llama_dir, seed=5)
+    plan = FastPlan(compile=False, decode_thread=True)
+    shapes = [(1, 1), (4, 4), (2, 1)]  # (rows, beams): three cache shapes
+    for rows, beams in shapes:
+        assert torch.equal(ids(model, rows, 0, fast=plan, num_beams=beams, max_new_tokens=8),
+                           ids(model, rows, 0, fast=False, num_beams=beams, max_new_tokens=8))
+    pool = _state(model.llm).caches
+    sizes = [fast_decode.cache_bytes(c) for c in pool.values()]
+    assert len(pool) == 3 and all(size > 0 for size in sizes)
+    monkeypatch.setattr(fast_decode, "CACHE_POOL_BYTES", sizes[-1] - 1)  # room for less than one idle cache
+    ids(model, 1, 1, fast=plan, num_beams=1, max_new_tokens=8)
+    assert list(pool) == [next(reversed(pool))]  # only the cache just used is kept
