@@ -26,10 +26,12 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import random
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +50,9 @@ from engine.clap.base import l2_normalize  # noqa: E402
 from engine.clap.hf import HFClapBackend  # noqa: E402
 from engine.clap.tiny import UNTRAINED_MARKER, build_tiny_clap, train_caption_tokenizer  # noqa: E402
 from engine.config import DatastoreConfig  # noqa: E402
-from engine.datastore import CaptionDatastore, DatastoreManifest, read_captions, unique_captions  # noqa: E402
+from engine.datastore import (CaptionDatastore, DatastoreManifest, exact_search, read_captions,  # noqa: E402
+                              unique_captions)
+from engine.threads import faiss_threads, faiss_threads_for  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_TRAIN_CSV = PROJECT_ROOT.parent / "shared" / "data" / "audiocaps" / "train.csv"
@@ -57,6 +61,7 @@ SECTION_TITLE = "## Caption datastore (benchmarks/bench_datastore.py)"
 FILE_TITLE = "# AudioScribe benchmarks"
 FILE_INTRO = "Each benchmark script writes (and on re-runs replaces) only its own section below."
 BATCH = 16  # queries in the batched search measurement
+PARTS = ("threads", "batch", "models", "large")
 CLIP_S = 10.0  # the end-to-end query clip
 FULL_DIM = 512
 
@@ -187,7 +192,8 @@ def time_flat_build(store: CaptionDatastore) -> float:
 
 
 def ivf_twin(store: CaptionDatastore) -> tuple[CaptionDatastore, float]:
-    """The same captions and embeddings behind an IVF index (exact_max_size=0 forces IVF); returns its build time."""
+    """The same captions and embeddings behind the approximate index (exact_max_size=0 forces it; the default
+    ``approximate_index``); returns its build time."""
     manifest = dataclasses.replace(store.manifest, sources=list(store.manifest.sources))
     t0 = time.perf_counter()
     ivf = CaptionDatastore(store.captions, store.caption_sources, store.embeddings, manifest,
@@ -195,14 +201,19 @@ def ivf_twin(store: CaptionDatastore) -> tuple[CaptionDatastore, float]:
     return ivf, time.perf_counter() - t0
 
 
+SEARCH_KINDS = ("faiss_flat", "exact", "approx")  # faiss's flat index (the store's search before), the store's
+# exact search now (a torch matrix product), the store's approximate index (its own search, re-ranking included)
+
+
 def measure_search(flat: CaptionDatastore, ivf: CaptionDatastore, pool: np.ndarray, repeats: int, k: int) -> dict:
-    """faiss ``index.search`` only: 1 query and BATCH queries per call, flat and IVF, plus IVF recall@k vs flat."""
+    """1 query and BATCH queries per call for each of SEARCH_KINDS, plus the approximate index's recall@k vs flat."""
     assert len(pool) >= repeats * BATCH
+    calls = {"faiss_flat": lambda q: flat.index.search(q, k), "exact": lambda q: flat.search(q, k),
+             "approx": lambda q: ivf.search(q, k)}
     result = {}
-    for name, store in (("flat", flat), ("ivf", ivf)):
-        index = store.index
-        single = timed(lambda i: index.search(pool[i:i + 1], k), repeats, warmup=10)
-        batch = timed(lambda i: index.search(pool[i * BATCH:(i + 1) * BATCH], k), repeats, warmup=3)
+    for name, call in calls.items():
+        single = timed(lambda i: call(pool[i:i + 1]), repeats, warmup=10)
+        batch = timed(lambda i: call(pool[i * BATCH:(i + 1) * BATCH]), repeats, warmup=3)
         result[name] = {"single": stats(single), "batch": stats(batch)}
     # faiss scans the database once per query below distance_compute_blas_threshold queries, and with one matrix
     # product above it; time the batch with the BLAS kernel forced, for comparison.
@@ -214,10 +225,12 @@ def measure_search(flat: CaptionDatastore, ivf: CaptionDatastore, pool: np.ndarr
         faiss.cvar.distance_compute_blas_threshold = threshold
     result["flat_blas"] = {"batch": stats(blas)}
     _, exact = flat.index.search(pool, k)
-    _, approx = ivf.index.search(pool, k)
+    result["exact_equal"] = bool(np.array_equal(flat.search(pool, k).indices, exact))
+    approx = ivf.search(pool, k).indices
     hits = sum(len(set(a) & set(e)) for a, e in zip(approx.tolist(), exact.tolist()))
     result["recall"] = hits / exact.size
     result["recall_queries"] = len(pool)
+    result["approx_kind"] = ivf.manifest.index_type
     result["nlist"] = int(ivf.index.nlist)
     result["nprobe"] = int(ivf.index.nprobe)
     result["n"], result["dim"] = flat.index.ntotal, flat.index.d
@@ -296,6 +309,299 @@ def query_pool_tiny(clap: HFClapBackend, store: CaptionDatastore, heldout: list[
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# thread settings: one child process per setting (OpenMP reads its environment once, when torch / faiss load)
+
+THREAD_N, THREAD_DIM = 45_716, FULL_DIM  # the AudioCaps store's size at the laion CLAP's width
+THREAD_CASES = {  # key: (label, environment, faiss OpenMP threads (0 = default), search)
+    "faiss": ("faiss flat index, default threads (the store's search before)", {}, 0, "faiss"),
+    "faiss_1": ("faiss flat index, `faiss.omp_set_num_threads(1)`", {}, 1, "faiss"),
+    "faiss_passive": ("faiss flat index, `OMP_WAIT_POLICY=PASSIVE`", {"OMP_WAIT_POLICY": "PASSIVE"}, 0, "faiss"),
+    "faiss_spin": ("faiss flat index, `GOMP_SPINCOUNT=10000`", {"GOMP_SPINCOUNT": "10000"}, 0, "faiss"),
+    "numpy": ("numpy matrix-vector product + argpartition (numpy's OpenBLAS threads)", {}, 0, "numpy"),
+    "engine": ("**engine exact search: torch matrix product (now)**", {}, 0, "engine"),
+    "engine_passive": ("engine exact search, `OMP_WAIT_POLICY=PASSIVE`", {"OMP_WAIT_POLICY": "PASSIVE"}, 0,
+                       "engine"),
+}
+THREAD_PAUSE_S = 0.05  # "idle": this long after the last OpenMP work, every spinning thread has gone to sleep
+
+
+def forward_net() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A torch forward standing in for an audio tower: 3 conv blocks over a [1, 1, 64, 400] log-mel-sized input."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for cin, cout in ((1, 32), (32, 64), (64, 128)):
+        layers += [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+    return torch.nn.Sequential(*layers).eval(), torch.randn(1, 1, 64, 400)
+
+
+def thread_case_child(key: str, repeats: int) -> dict:
+    """Run in a child started with the case's environment: one-query search latency when idle and right after a
+    torch forward, and the forward's time when idle and right after a search. Milliseconds, medians."""
+    _, _, faiss_count, search = THREAD_CASES[key]
+    if faiss_count:
+        faiss.omp_set_num_threads(faiss_count)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((THREAD_N, THREAD_DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = random_queries(repeats + 5, THREAD_DIM)
+    manifest = DatastoreManifest(clap_name="random", clap_fingerprint="random", embedding_dim=THREAD_DIM,
+                                 size=THREAD_N)
+    store = CaptionDatastore([str(i) for i in range(THREAD_N)], [""] * THREAD_N, vectors, manifest)
+    calls = {"faiss": lambda q: store.index.search(q, 5), "engine": lambda q: store.search(q, 5),
+             "numpy": lambda q: np.argpartition(-(q @ vectors.T), 5, axis=1)[:, :5]}
+    call = calls[search]
+    net, mel = forward_net()
+
+    def forward() -> None:
+        with torch.inference_mode():
+            net(mel)
+
+    for i in range(5):  # warm-up: thread pools, first-call allocations
+        forward()
+        call(queries[i:i + 1])
+    times: dict[str, list[float]] = {"search_idle": [], "search_after_forward": [], "forward_idle": [],
+                                     "forward_after_search": []}
+    for i in range(repeats):
+        q = queries[5 + i:6 + i]
+        time.sleep(THREAD_PAUSE_S)
+        t0 = time.perf_counter()
+        call(q)
+        times["search_idle"].append(time.perf_counter() - t0)
+        time.sleep(THREAD_PAUSE_S)
+        t0 = time.perf_counter()
+        forward()
+        t1 = time.perf_counter()
+        call(q)  # right after the forward: torch's threads still spin
+        t2 = time.perf_counter()
+        forward()  # right after the search: faiss's (or numpy's) threads still spin
+        t3 = time.perf_counter()
+        times["forward_idle"].append(t1 - t0)
+        times["search_after_forward"].append(t2 - t1)
+        times["forward_after_search"].append(t3 - t2)
+    return {name: float(np.median(values) * 1e3) for name, values in times.items()}
+
+
+def measure_thread_settings(repeats: int) -> dict:
+    """Each THREAD_CASES setting in its own child process (the environment must be set before torch loads)."""
+    results = {}
+    for key, (label, env, _, _) in THREAD_CASES.items():
+        log(f"threads: {key}")
+        share = CpuShare()
+        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_datastore", "--thread-case", key,
+                               "--thread-repeats", str(repeats)], cwd=PROJECT_ROOT, env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"thread case {key} failed:\n{done.stderr[-3000:]}")
+        results[key] = {**json.loads(done.stdout.strip().splitlines()[-1]), "others_cores": share.others()}
+    return {"cases": results, "repeats": repeats, "n": THREAD_N, "dim": THREAD_DIM}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# batched queries
+
+BATCH_SIZES = (1, 8, 64, 512)
+
+
+def measure_batched(repeats: int, k: int) -> dict:
+    """Q queries per call over 45,716 x 512: faiss's flat index (default threads, and 1 thread) against the store's
+    exact search (one torch matrix product per call); results compared row for row."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((THREAD_N, THREAD_DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    manifest = DatastoreManifest(clap_name="random", clap_fingerprint="random", embedding_dim=THREAD_DIM,
+                                 size=THREAD_N)
+    store = CaptionDatastore([str(i) for i in range(THREAD_N)], [""] * THREAD_N, vectors, manifest)
+    pool = random_queries(max(BATCH_SIZES) * 3, THREAD_DIM, seed=4)
+    rows = []
+    for count in BATCH_SIZES:
+        times = max(3, min(repeats, 4096 // count))  # enough calls for a median, bounded for the slow ones
+
+        def batch(i: int) -> np.ndarray:
+            start = (i * count) % (len(pool) - count + 1)
+            return pool[start:start + count]
+
+        def faiss_one_thread(q: np.ndarray):
+            with faiss_threads(1):
+                return store.index.search(q, k)
+
+        row = {"q": count, "repeats": times}
+        for name, call in (("faiss", lambda q: store.index.search(q, k)), ("faiss_1", faiss_one_thread),
+                           ("engine", lambda q: store.search(q, k))):
+            row[name] = stats(timed(lambda i: call(batch(i)), times, warmup=2))
+        _, reference = store.index.search(batch(0), k)
+        row["equal"] = bool(np.array_equal(store.search(batch(0), k).indices, reference))
+        rows.append(row)
+        log(f"batch Q={count}: faiss {row['faiss']['median']:.2f} ms, engine {row['engine']['median']:.2f} ms, "
+            f"equal {row['equal']}")
+    return {"rows": rows, "n": THREAD_N, "dim": THREAD_DIM}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a large store: CLAP-like vectors built from real CLAP caption embeddings
+
+DEMO_STORE = PROJECT_ROOT / "assets" / "demo" / "stores" / "audiocaps"
+DEMO_CLAP = PROJECT_ROOT / "assets" / "demo" / "clap"
+SOUNDWORLD = PROJECT_ROOT / "data" / "soundworld"
+BUNDLED_AUDIO = (PROJECT_ROOT / "assets" / "examples", PROJECT_ROOT / "tests" / "data" / "heldout")
+SYNTH = {"clusters": 1024, "mix": 0.5, "noise": 0.25}  # clap_like_vectors' settings for the large store
+
+
+def clap_like_vectors(real: np.ndarray, count: int, dim: int, seed: int = 0, clusters: int = 1024,
+                      mix: float = 0.5, noise: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """[count, dim] unit vectors with the cluster structure of ``real`` [M, d] (real CLAP caption embeddings).
+
+    1. A random orthonormal map ``basis`` [dim, d] (QR of a seeded Gaussian matrix) carries the real vectors into
+       ``dim`` dimensions; cosines between them are unchanged.
+    2. The first min(M, count) rows are real vectors (in order).
+    3. Every further row starts from a real vector a (uniform), moves towards b, another real vector of a's cluster
+       (spherical k-means with ``clusters`` centres on the real vectors), by u ~ U(0, mix) of the way, adds Gaussian
+       noise of expected norm ``noise`` spread over all ``dim`` dimensions (so the set is not confined to the real
+       vectors' d-dimensional subspace), and is renormalised: a + u (b - a) + noise.
+
+    Returns the vectors and ``basis``; queries go through the same ``lift(queries, basis)``.
+    """
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((dim, real.shape[1])))[0].astype(np.float32)  # [dim, d]
+    out = np.empty((count, dim), dtype=np.float32)
+    kept = min(len(real), count)
+    out[:kept] = lift(real[:kept], basis)
+    if count > kept:
+        kmeans = faiss.Kmeans(real.shape[1], min(clusters, len(real)), niter=10, seed=seed, spherical=True)
+        kmeans.train(real)
+        cluster = kmeans.index.search(real, 1)[1][:, 0]
+        by_cluster = np.argsort(cluster, kind="stable")  # real rows grouped by cluster
+        first = np.searchsorted(cluster[by_cluster], np.arange(kmeans.k))
+        sizes = np.bincount(cluster, minlength=kmeans.k)
+        for start in range(kept, count, 65536):
+            size = min(count, start + 65536) - start
+            a = rng.integers(0, len(real), size)
+            c = cluster[a]
+            b = by_cluster[first[c] + (rng.random(size) * sizes[c]).astype(np.int64)]
+            u = rng.uniform(0, mix, (size, 1)).astype(np.float32)
+            rows = (real[a] + u * (real[b] - real[a])) @ basis.T
+            rows += rng.standard_normal((size, dim), dtype=np.float32) * np.float32(noise / math.sqrt(dim))
+            out[start:start + size] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return out, basis
+
+
+def lift(vectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """[Q, d] -> [Q, dim] unit vectors through ``basis`` [dim, d] (cosines unchanged for unit inputs)."""
+    rows = np.asarray(vectors, dtype=np.float32) @ basis.T
+    return np.ascontiguousarray(rows / np.linalg.norm(rows, axis=1, keepdims=True), dtype=np.float32)
+
+
+def demo_queries(text_count: int) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Real demo-CLAP query embeddings [Q, 128]: held-out AudioCaps captions (val + test, not in train) through the
+    text tower, and held-out clips through the audio tower (the app's audio-to-text case)."""
+    from engine.audio import load_audio
+    from engine.clap.demo import DemoClapBackend
+
+    clap = DemoClapBackend.from_folder(DEMO_CLAP)
+    train = set(unique_captions(read_captions(default_captions())))
+    heldout, source = heldout_captions(default_captions(), sorted(train))
+    picked = [heldout[i] for i in np.random.default_rng(3).permutation(len(heldout))[:text_count]]
+    queries = {"text": clap.embed_text(picked).numpy()}
+    what = {"text": f"{len(picked):,} held-out AudioCaps captions ({source}) through the demo CLAP's text tower"}
+    manifest = SOUNDWORLD / "manifest.jsonl"
+    if manifest.is_file():  # the demo CLAP's own corpus: its test split was never trained on
+        clips = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+        paths = [SOUNDWORLD / c["path"] for c in clips if c["split"] == "test"]
+        what["audio"] = f"{len(paths):,} held-out soundworld test clips (data/soundworld) through its audio tower"
+    else:
+        paths = sorted(p for folder in BUNDLED_AUDIO for p in folder.glob("*.flac"))
+        what["audio"] = f"{len(paths)} bundled example and held-out clips through its audio tower"
+    queries["audio"] = clap.embed_audio([load_audio(p, clap.sample_rate) for p in paths]).numpy()
+    return queries, what
+
+
+def index_memory(index: faiss.Index) -> int:
+    """Bytes an index holds beyond the store's own embeddings: IVF codes + ids + centroids, HNSW vectors + links."""
+    if isinstance(index, faiss.IndexIVF):
+        return index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4
+    if isinstance(index, faiss.IndexHNSW):
+        return index.ntotal * index.d * 4 + index.hnsw.neighbors.size() * 4 + index.ntotal * 12
+    return index.ntotal * index.d * 4
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    return sum(len(set(a) & set(b)) for a, b in zip(found.tolist(), truth.tolist())) / truth.size
+
+
+def measure_large(size: int, kinds: Sequence[str], probes: Sequence[int], efs: Sequence[int], text_queries: int,
+                  repeats: int, k: int) -> dict:
+    """Build a CLAP-like store of ``size`` x 512 and measure each index in ``kinds`` (ivf_sq4 and ivf through the
+    datastore, hnsw through faiss): build time, memory, one-query p50/p95 and recall@k against exact search."""
+    real = CaptionDatastore.load(DEMO_STORE).embeddings  # [45716, 128] demo-CLAP caption embeddings
+    t0 = time.perf_counter()
+    vectors, basis = clap_like_vectors(real, size, FULL_DIM, seed=0, **SYNTH)
+    res: dict = {"size": size, "real": real.shape, "generate_s": time.perf_counter() - t0, "indexes": []}
+    log(f"large: {size:,} CLAP-like vectors in {res['generate_s']:.0f} s; embedding demo queries")
+    raw, res["queries_what"] = demo_queries(text_queries)
+    queries = {name: lift(q, basis) for name, q in raw.items()}
+    t0 = time.perf_counter()
+    truth = {name: exact_search(vectors, q, k)[1] for name, q in queries.items()}
+    res["truth_s"] = time.perf_counter() - t0
+    res["structure"] = {name: structure(real, vectors, raw[name], q, k) for name, q in queries.items()}
+    manifest = DatastoreManifest(clap_name="clap-like", clap_fingerprint="clap-like", embedding_dim=FULL_DIM,
+                                 size=size)
+    captions = [f"#{i}" for i in range(size)]
+    timing_queries = queries["text"][:repeats]
+    cells = None
+    for kind in kinds:
+        log(f"large: building {kind}")
+        t0 = time.perf_counter()
+        if kind == "hnsw":
+            index = faiss.IndexHNSWFlat(FULL_DIM, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 40
+            index.add(vectors)
+            store = None
+        elif kind == "ivf" and cells is not None:  # full vectors in the same cells as ivf_sq4: only the add is new
+            index = faiss.IndexIVFFlat(cells, FULL_DIM, cells.ntotal, faiss.METRIC_INNER_PRODUCT)
+            index.add(vectors)
+            store = CaptionDatastore(captions, [""] * size, vectors, dataclasses.replace(manifest, index_type="ivf"),
+                                     DatastoreConfig(exact_max_size=0), index=index)
+        else:
+            store = CaptionDatastore(captions, [""] * size, vectors, dataclasses.replace(manifest),
+                                     DatastoreConfig(exact_max_size=0, approximate_index=kind))
+            index = store.index
+            if kind == "ivf_sq4":  # a copy of its cells (the index owns its quantizer)
+                cells = faiss.IndexFlatIP(FULL_DIM)
+                cells.add(index.quantizer.reconstruct_n(0, index.nlist))
+        build_s = time.perf_counter() - t0
+        row = {"kind": kind, "build_s": build_s, "memory": index_memory(index),
+               "shared_cells": kind == "ivf" and cells is not None,
+               "nlist": int(index.nlist) if isinstance(index, faiss.IndexIVF) else None, "settings": []}
+        log(f"large: {kind} built in {build_s:.0f} s, {row['memory'] / 2**20:.0f} MiB")
+        for value in (efs if kind == "hnsw" else probes):
+            if kind == "hnsw":
+                index.hnsw.efSearch = value
+
+                def search(q: np.ndarray) -> np.ndarray:
+                    with faiss_threads(faiss_threads_for(len(q))):
+                        return index.search(q, k)[1]
+            else:
+                index.nprobe = min(value, index.nlist)
+                search = lambda q: store.search(q, k).indices  # noqa: E731 (the store's own path, re-ranking incl.)
+            single = timed(lambda i: search(timing_queries[i:i + 1]), len(timing_queries), warmup=5)
+            recall = {name: recall_at(search(q), truth[name]) for name, q in queries.items()}
+            row["settings"].append({"value": value, "single": stats(single), "recall": recall})
+            log(f"large: {kind} {'efSearch' if kind == 'hnsw' else 'nprobe'} {value}: p50 "
+                f"{np.median(single):.2f} ms, recall " + ", ".join(f"{n} {r:.3f}" for n, r in recall.items()))
+        res["indexes"].append(row)
+        del index, store
+        gc.collect()
+    return res
+
+
+def structure(real: np.ndarray, vectors: np.ndarray, raw: np.ndarray, lifted: np.ndarray, k: int) -> dict:
+    """Mean cosine of the 1st and k-th neighbour of each query: among the real vectors (128-d) and in the large set."""
+    real_scores = exact_search(real, np.ascontiguousarray(raw / np.linalg.norm(raw, axis=1, keepdims=True)), k)[0]
+    large_scores = exact_search(vectors, lifted, k)[0]
+    return {"real": (float(real_scores[:, 0].mean()), float(real_scores[:, -1].mean())),
+            "large": (float(large_scores[:, 0].mean()), float(large_scores[:, -1].mean()))}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # report
 
 
@@ -344,10 +650,93 @@ def render(res: dict) -> str:
               "run 2 OpenMP threads here; while another process holds one of the 2 cores those threads wait on each "
               "other, and the same step can take several times (up to ~10x seen) as long as on a quiet machine. "
               "Treat differences under ~30% as noise, and large ones as possibly contention. All on CPU, float32, "
-              "default thread settings.", "",
-              f"Captions: `{res['captions_path']}`: {res['captions_in']:,} rows, {res['unique']:,} unique after "
-              "whitespace normalisation and exact-duplicate removal.", ""]
+              "with the engine's thread settings (engine/threads.py) unless a row says otherwise.", ""]
+    lines += render_threads(res) + render_batched(res)
+    if res["models"]:
+        lines += render_models(res)
+    lines += render_large(res)
+    lines += ["### Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
+    return "\n".join(lines)
 
+
+def render_threads(res: dict) -> list[str]:
+    t = res.get("threads")
+    if not t:
+        return []
+    lines = [f"### 1. Thread settings: one exact query over {t['n']:,} x {t['dim']} (k=5)", "",
+             f"Each row is its own process (environment set before torch and faiss load). Median ms over "
+             f"{t['repeats']} rounds; each round: a search after {THREAD_PAUSE_S * 1e3:.0f} ms of quiet (idle), "
+             "then a torch forward (3 conv blocks on a [1, 1, 64, 400] input, torch's default 2 threads), the same "
+             "search right after it (torch's threads still spinning), and a second forward right after that search "
+             "(the search's threads still spinning). Other processes' CPU use during this part: "
+             f"{t['others_cores']:.2f} cores.", "",
+             "| setting | search, idle (ms) | search right after a forward (ms) | forward, idle (ms) | forward right "
+             "after the search (ms) |", "|---|---:|---:|---:|---:|"]
+    for key, r in t["cases"].items():
+        lines.append(f"| {THREAD_CASES[key][0]} | {r['search_idle']:.2f} | {r['search_after_forward']:.2f} | "
+                     f"{r['forward_idle']:.1f} | {r['forward_after_search']:.1f} |")
+    return lines + [""]
+
+
+def render_batched(res: dict) -> list[str]:
+    b = res.get("batch")
+    if not b:
+        return []
+    lines = [f"### 2. Batched queries: Q queries per call over {b['n']:,} x {b['dim']} (k={res['args']['k']})", "",
+             "Median ms per call (per query in brackets). Random unit vectors (search cost depends only on N, D, k). "
+             "\"Same results\": the engine's indices equal faiss flat's for the same queries, row for row. Other "
+             f"processes' CPU use during this part: {b['others_cores']:.2f} cores.", "",
+             "| Q | calls | faiss flat, default threads (before) | faiss flat, 1 thread | engine: torch matrix product "
+             "(now) | speed-up vs before | same results |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for r in b["rows"]:
+        cells = [f"{r[n]['median']:.2f} ({r[n]['median'] / r['q']:.3f})" for n in ("faiss", "faiss_1", "engine")]
+        lines.append(f"| {r['q']} | {r['repeats']} | {' | '.join(cells)} | "
+                     f"{r['faiss']['median'] / r['engine']['median']:.1f}x | {'yes' if r['equal'] else '**no**'} |")
+    return lines + [""]
+
+
+def render_large(res: dict) -> list[str]:
+    g = res.get("large")
+    if not g:
+        return []
+    k = res["args"]["k"]
+    size = g["size"]
+    lines = [f"### 6. A large store: {size:,} x {FULL_DIM} CLAP-like vectors (k={k})", "",
+             f"Vectors: `clap_like_vectors` (this script) from the demo bundle's {g['real'][0]:,} real demo-CLAP "
+             f"caption embeddings ({g['real'][1]}-d, `{DEMO_STORE.relative_to(PROJECT_ROOT)}`): a seeded random "
+             f"orthonormal map into {FULL_DIM} dimensions (cosines unchanged); the real vectors themselves, then "
+             f"each further vector = a real vector moved towards another real vector of its spherical k-means "
+             f"cluster ({SYNTH['clusters']} clusters) by U(0, {SYNTH['mix']}) of the way, plus Gaussian noise of "
+             f"norm ~{SYNTH['noise']} over all {FULL_DIM} dimensions, renormalised ({g['generate_s']:.0f} s). "
+             f"Queries: {g['queries_what']['text']}; {g['queries_what']['audio']}; both mapped the same way. "
+             f"Ground truth: exact search ({g['truth_s']:.0f} s for all queries). Other processes' CPU use during "
+             f"this part: {g['others_cores']:.2f} cores.", "",
+             f"Structure kept (mean cosine of a query's 1st / {k}th neighbour): "
+             + "; ".join(f"{name} queries: real {s['real'][0]:.3f} / {s['real'][1]:.3f} among the "
+                         f"{g['real'][0]:,} real vectors, {s['large'][0]:.3f} / {s['large'][1]:.3f} among the "
+                         f"{size:,}" for name, s in g["structure"].items()) + ".", "",
+             f"| index | cells | build (s) | index memory (MiB) | nprobe / efSearch | 1 query p50 / p95 (ms) | "
+             f"recall@{k} text | recall@{k} audio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    what = {"ivf_sq4": "ivf_sq4: IVF, 4-bit codes, 50 re-scored exactly (now)",
+            "ivf": "ivf: IVF, full vectors", "hnsw": "HNSW32 flat (faiss, efConstruction 40)"}
+    for row in g["indexes"]:
+        build = f"{row['build_s']:.0f}" + (" (add only: ivf_sq4's cells)" if row["shared_cells"] else "")
+        for setting in row["settings"]:
+            r = setting["recall"]
+            lines.append(f"| {what[row['kind']]} | {row['nlist'] or '-'} | {build} | {row['memory'] / 2**20:,.0f} | "
+                         f"{setting['value']} | {fmt_ms(setting['single'])} | {r['text']:.3f} | {r['audio']:.3f} |")
+    lines += ["", f"Index memory is what the index holds beside the store's own float32 embeddings "
+              f"({size * FULL_DIM * 4 / 2**30:.1f} GiB, kept for exact scores and as DRCap's projection support): "
+              "IVF codes + ids + centroids; ivf and HNSW keep a second float32 copy of every vector. Latency: "
+              "`store.search` of one held-out caption query (IVF; caption lookup and re-ranking included) or faiss's "
+              "`search` (HNSW), with the engine's thread settings.", ""]
+    return lines
+
+
+def render_models(res: dict) -> list[str]:
+    a, m = res["args"], res["machine"]
+    lines = [f"Captions: `{res['captions_path']}`: {res['captions_in']:,} rows, {res['unique']:,} unique after "
+             "whitespace normalisation and exact-duplicate removal.", ""]
     models = res["models"]
     lines += ["### Models", "",
               "| model | what | params | D | text tokens/caption (mean; mean padded batch length) | create + save (s) "
@@ -362,7 +751,7 @@ def render(res: dict) -> str:
                      f"{r['tokens'][1]:.1f} | {f['create_s']:.1f} | {f['load_s']:.1f} |")
     lines.append("")
 
-    lines += ["### 1. Datastore build (`CaptionDatastore.build`, text embedding + flat index)", "",
+    lines += ["### 3. Datastore build (`CaptionDatastore.build`, text embedding + flat index)", "",
               "| model | captions in | unique embedded | wall (s) | captions/s | time for all "
               f"{res['unique']:,} unique captions |", "|---|---:|---:|---:|---:|---|"]
     for name, r in models.items():
@@ -376,37 +765,43 @@ def render(res: dict) -> str:
                      f"{whole} |")
     lines.append("")
 
-    lines += [f"### 2. Search latency (faiss `index.search` only, k={a['k']})", "",
-              f"Median / p95 in ms over {a['queries']} repeats after warm-up; the batch row searches {BATCH} "
-              f"queries per call. Recall@{a['k']} is IVF's top-{a['k']} against the flat index's over "
-              f"{res['search_rows'][0]['recall_queries'] if res['search_rows'] else 0:,} queries.", "",
-              "| vectors | N | D | index | nlist / nprobe | index build (s) | 1 query (ms) | "
+    labels = {"faiss_flat": "faiss flat index (the store's search before)",
+              "exact": "store.search, exact: torch matrix product (now)",
+              "approx": "store.search, approximate"}
+    lines += [f"### 4. Search latency at the captions' size (k={a['k']})", "",
+              f"Median / p95 in ms over {a['queries']} repeats after warm-up; the batch column searches {BATCH} "
+              f"queries per call. Recall@{a['k']} is the approximate index's top-{a['k']} against the flat index's "
+              f"over {res['search_rows'][0]['recall_queries'] if res['search_rows'] else 0:,} queries.", "",
+              "| vectors | N | D | search | nlist / nprobe | index build (s) | 1 query (ms) | "
               f"{BATCH} queries (ms) | per query in batch (ms) | recall@{a['k']} vs flat |",
               "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for row in res["search_rows"]:
-        for kind in ("flat", "ivf"):
+        for kind in SEARCH_KINDS:
             s = row[kind]
             per = s["batch"]["median"] / BATCH
-            nl = f"{row['nlist']} / {row['nprobe']}" if kind == "ivf" else "-"
-            rec = f"{row['recall']:.3f}" if kind == "ivf" else "1 (reference)"
-            build = row["ivf_build_s"] if kind == "ivf" else row["flat_build_s"]
+            approx = kind == "approx"
+            nl = f"{row['nlist']} / {row['nprobe']}" if approx else "-"
+            rec = (f"{row['recall']:.3f}" if approx else "1 (reference)" if kind == "faiss_flat" else
+                   "1 (same results)" if row["exact_equal"] else "**differs**")
+            build = row["ivf_build_s"] if approx else row["flat_build_s"] if kind == "faiss_flat" else None
             build_s = f"{build:.2f}" if build is not None else "-"
-            lines.append(f"| {row['label']} | {row['n']:,} | {row['dim']} | {kind} | {nl} | {build_s} | "
+            label = labels[kind] + (f" ({row['approx_kind']})" if approx else "")
+            lines.append(f"| {row['label']} | {row['n']:,} | {row['dim']} | {label} | {nl} | {build_s} | "
                          f"{fmt_ms(s['single'])} | {fmt_ms(s['batch'])} | {per:.3f} | {rec} |")
-            if kind == "flat":
+            if kind == "faiss_flat":
                 b = row["flat_blas"]["batch"]
-                lines.append(f"| {row['label']} | {row['n']:,} | {row['dim']} | flat, BLAS kernel forced¹ | - | - | "
-                             f"- | {fmt_ms(b)} | {b['median'] / BATCH:.3f} | 1 (same results) |")
+                lines.append(f"| {row['label']} | {row['n']:,} | {row['dim']} | faiss flat, BLAS kernel forced¹ | - | "
+                             f"- | - | {fmt_ms(b)} | {b['median'] / BATCH:.3f} | 1 (same results) |")
     lines.append("")
     lines.append(f"¹ `faiss.cvar.distance_compute_blas_threshold = 1` (this faiss build's default is "
                  f"{m['blas_threshold']:,}): below the threshold faiss scans all N vectors once per query; above it, "
-                 "one matrix product serves the whole batch. Not what the app does today; shown for comparison.")
+                 "one matrix product serves the whole batch. Shown for comparison.")
     lines.append("")
     for row in res["search_rows"]:
         lines.append(f"- {row['label']}: queries are {row['queries_what']}.")
     lines.append("")
 
-    lines += [f"### 3. End-to-end query: one {CLIP_S:.0f}-s clip (`embed_audio` + `CaptionDatastore.search`, "
+    lines += [f"### 5. End-to-end query: one {CLIP_S:.0f}-s clip (`embed_audio` + `CaptionDatastore.search`, "
               f"k={a['k']})", "",
               f"Median / p95 in ms over {a['e2e_repeats']} repeats after 2 warm-up queries.", "",
               "| model | datastore searched | audio embedding (ms) | of which mel features² (ms) | search incl. "
@@ -420,8 +815,7 @@ def render(res: dict) -> str:
     lines.append("² `HFClapBackend._input_features` on the same clip, timed separately (the torch log-mel of "
                  "engine.clap.features, 10 s at 48 kHz); the rest of the audio embedding is the audio tower.")
     lines.append("")
-    lines += ["### Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def notes_for(res: dict) -> list[str]:
@@ -507,13 +901,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=DatastoreConfig().top_k, help="neighbours per query")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "RESULTS.md",
                    help="markdown file to write this script's section into ('-' = do not write)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)} (threads: thread settings, one child process "
+                   "each; batch: Q queries per call; models: build, search and end-to-end per model; large: the "
+                   "large CLAP-like store)")
+    p.add_argument("--thread-repeats", type=int, default=40, help="timed rounds per thread setting")
+    p.add_argument("--large-size", type=int, default=1_000_000, help="vectors in the large CLAP-like store")
+    p.add_argument("--large-indexes", default="ivf_sq4,ivf",
+                   help="indexes built over the large store: ivf_sq4, ivf (full vectors, in ivf_sq4's cells when "
+                   "both run), hnsw (faiss HNSW32, efConstruction 40)")
+    p.add_argument("--large-nprobe", default="32,64,128", help="IVF cells visited per query, each measured")
+    p.add_argument("--large-ef", default="64,128,256", help="HNSW efSearch values, each measured")
+    p.add_argument("--large-text-queries", type=int, default=500, help="held-out caption queries (recall, latency)")
+    p.add_argument("--large-repeats", type=int, default=200, help="timed one-query searches per setting")
+    p.add_argument("--thread-case", choices=sorted(THREAD_CASES), help=argparse.SUPPRESS)  # a child's own case
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.model_list) - {"tiny", "full"}
     if unknown or not args.model_list:
         p.error(f"--models takes tiny and/or full, got {args.models!r}")
-    if args.queries < 1 or args.e2e_repeats < 1 or args.k < 1:
-        p.error("--queries, --e2e-repeats and --k must be at least 1")
+    args.part_list = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if set(args.part_list) - set(PARTS) or not args.part_list:
+        p.error(f"--parts takes a subset of {','.join(PARTS)}, got {args.parts!r}")
+    args.large_kinds = [x.strip() for x in args.large_indexes.split(",") if x.strip()]
+    if set(args.large_kinds) - {"ivf_sq4", "ivf", "hnsw"}:
+        p.error(f"--large-indexes takes ivf_sq4, ivf and/or hnsw, got {args.large_indexes!r}")
+    try:
+        args.probes = [int(x) for x in args.large_nprobe.split(",")]
+        args.efs = [int(x) for x in args.large_ef.split(",")]
+    except ValueError:
+        p.error("--large-nprobe and --large-ef take comma-separated integers")
+    if min([args.queries, args.e2e_repeats, args.k, args.thread_repeats, args.large_size, args.large_repeats,
+            args.large_text_queries, *args.probes, *args.efs]) < 1:
+        p.error("counts, sizes and search settings must be at least 1")
     return args
 
 
@@ -521,6 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     whole_run = CpuShare()
     args = parse_args(argv)
+    if args.thread_case:  # a child of measure_thread_settings: one JSON line on stdout
+        print(json.dumps(thread_case_child(args.thread_case, args.thread_repeats)))
+        return 0
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = "python -m benchmarks.bench_datastore" + (" " + shlex.join(argv_list) if argv_list else "")
     seed_everything(0)
@@ -537,11 +960,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     res: dict = {"args": {"queries": args.queries, "e2e_repeats": args.e2e_repeats, "k": args.k},
                  "command": command, "machine": machine_facts(), "captions_path": str(captions_path),
                  "captions_in": len(raw), "unique": len(unique), "models": {}, "search_rows": [],
-                 "load_start": load_start,
+                 "load_start": load_start, "parts": args.part_list,
                  "date": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")}
 
+    if "threads" in args.part_list:
+        share = CpuShare()
+        res["threads"] = measure_thread_settings(args.thread_repeats)
+        res["threads"]["others_cores"] = share.others()
+    if "batch" in args.part_list:
+        share = CpuShare()
+        res["batch"] = measure_batched(args.queries, args.k)
+        res["batch"]["others_cores"] = share.others()
+
     with tempfile.TemporaryDirectory(prefix="bench-datastore-") as tmp:
-        for name in args.model_list:
+        for name in args.model_list if "models" in args.part_list else []:
             seed_everything(0)
             share = CpuShare()
             log(f"{name}: creating and loading the model")
@@ -566,8 +998,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = measure_search(search_store, ivf, pool, args.queries, args.k)
             row.update(label=label, queries_what=what, ivf_build_s=ivf_build, flat_build_s=flat_build)
             res["search_rows"].append(row)
-            log(f"{name}: flat 1q {row['flat']['single']['median']:.3f} ms, ivf 1q "
-                f"{row['ivf']['single']['median']:.3f} ms, recall@{args.k} {row['recall']:.3f}")
+            log(f"{name}: faiss flat 1q {row['faiss_flat']['single']['median']:.3f} ms, exact 1q "
+                f"{row['exact']['single']['median']:.3f} ms, {row['approx_kind']} 1q "
+                f"{row['approx']['single']['median']:.3f} ms, recall@{args.k} {row['recall']:.3f}")
 
             log(f"{name}: end-to-end queries")
             r["e2e"] = measure_end_to_end(clap, search_store, args.e2e_repeats, args.k)
@@ -589,6 +1022,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    queries_what=f"{pool_size:,} random unit vectors", ivf_build_s=ivf_build,
                    flat_build_s=time_flat_build(store))
         res["search_rows"].append(row)
+
+    if "large" in args.part_list:
+        share = CpuShare()
+        res["large"] = measure_large(args.large_size, args.large_kinds, args.probes, args.efs,
+                                     args.large_text_queries, args.large_repeats, args.k)
+        res["large"]["others_cores"] = share.others()
 
     res["load_end"] = os.getloadavg()[0]
     res["others_cores"] = whole_run.others()

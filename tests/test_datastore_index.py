@@ -129,3 +129,75 @@ def test_a_thread_count_set_in_one_thread_does_not_reach_another():
         worker.start()
         worker.join()
     assert seen == [faiss.omp_get_max_threads()]
+
+
+# --- the approximate index above exact_max_size ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clap_like() -> tuple[np.ndarray, np.ndarray]:
+    """30,000 x 256 CLAP-like vectors grown from 15,000 real demo-CLAP caption embeddings (the benchmark's
+    generator), and 300 held-out real caption embeddings (not among the 15,000) as queries, mapped the same way."""
+    from benchmarks.bench_datastore import DEMO_STORE, clap_like_vectors, lift
+
+    real = CaptionDatastore.load(DEMO_STORE).embeddings  # [45716, 128]
+    vectors, basis = clap_like_vectors(real[:15_000], 30_000, 256, seed=0, clusters=256)
+    return vectors, lift(real[40_000:40_300], basis)
+
+
+def test_the_approximate_index_finds_the_exact_top_5(clap_like):
+    vectors, queries = clap_like
+    store = make_store(vectors, DatastoreConfig(exact_max_size=1000))  # forces the approximate index
+    assert store.manifest.index_type == "ivf_sq4"
+    assert store.manifest.index_params == {"nlist": int(2 * 30_000 ** 0.5), "code_bytes": 128,
+                                           "build_s": store.manifest.index_params["build_s"]}
+    assert isinstance(store.index, faiss.IndexIVFScalarQuantizer) and store.index.nprobe == 32
+    _, truth = faiss_flat(vectors, queries, 5)
+    found = store.search(queries, 5)
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found.indices.tolist(), truth.tolist())])
+    assert recall >= 0.95, f"recall@5 {recall:.3f}"
+    # Re-ranked scores are the exact inner products of the returned rows, best first.
+    np.testing.assert_allclose(found.scores, np.einsum("qd,qkd->qk", queries, vectors[found.indices]), atol=1e-6)
+    assert np.all(np.diff(found.scores, axis=1) <= 0)
+    assert found.captions[0] == [f"caption {i}" for i in found.indices[0]]
+
+
+def test_an_approximate_store_round_trips(clap_like, tmp_path):
+    vectors, queries = clap_like
+    config = DatastoreConfig(exact_max_size=1000)
+    store = make_store(vectors[:8000].copy(), config)
+    store.save(tmp_path / "ds")
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["index_type"] == "ivf_sq4" and manifest["index_params"]["nlist"] == store.index.nlist
+    loaded = CaptionDatastore.load(tmp_path / "ds", config=DatastoreConfig(ivf_nprobe=16))
+    assert loaded.manifest.index_type == "ivf_sq4" and isinstance(loaded.index, faiss.IndexIVFScalarQuantizer)
+    assert loaded.index.nprobe == 16  # search settings come from the loading config
+    loaded.index.nprobe = store.index.nprobe
+    before, after = store.search(queries, 5), loaded.search(queries, 5)
+    np.testing.assert_array_equal(after.indices, before.indices)
+    np.testing.assert_array_equal(after.scores, before.scores)
+    assert (current_files(tmp_path / "ds") / "index.faiss").stat().st_size < 0.3 * vectors[:8000].nbytes
+
+
+def test_an_ivf_store_saved_before_loads_and_searches_as_before(clap_like, tmp_path):
+    """The files an IVF store got before ivf_sq4: an IndexIVFFlat and a manifest without index_params."""
+    vectors, queries = clap_like
+    old = make_store(vectors[:8000].copy(), DatastoreConfig(exact_max_size=1000, approximate_index="ivf"))
+    assert isinstance(old.index, faiss.IndexIVFFlat)
+    old.save(tmp_path / "ds")
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    del manifest["index_params"]
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = CaptionDatastore.load(tmp_path / "ds", config=DatastoreConfig())  # today's defaults: ivf_sq4 for new
+    assert loaded.manifest.index_type == "ivf" and isinstance(loaded.index, faiss.IndexIVFFlat)
+    expected = old.index.search(queries, 5)  # what an IVF store's search returned: faiss's own result
+    found = loaded.search(queries, 5)
+    np.testing.assert_array_equal(found.indices, expected[1])
+    np.testing.assert_array_equal(found.scores, expected[0])
+
+
+def test_an_unknown_approximate_index_is_refused(vectors):
+    from engine.errors import DatastoreError
+
+    with pytest.raises(DatastoreError, match="approximate_index must be one of ivf_sq4, ivf, got 'hnsw'"):
+        make_store(vectors[:2000].copy(), DatastoreConfig(exact_max_size=100, approximate_index="hnsw"))
