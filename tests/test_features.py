@@ -116,6 +116,19 @@ def test_fused_features_match_the_extractor_and_is_longer_stays_false():
     assert_close(ClapFeatures.from_extractor(extractor)(batch), reference["input_features"])
 
 
+def test_the_gpu_code_path_equals_the_cpu_one():
+    """On a GPU the whole batch is one FFT call without kept buffers; run that path here on the CPU (and on CUDA
+    when there is one) and compare it with the CPU path (one row at a time, blocks of frames, kept buffers)."""
+    features = ClapFeatures.from_extractor(ClapFeatureExtractor(truncation="rand_trunc"))
+    batch = [noise_clip(s, 48_000, seed=i) for i, s in enumerate([10.0, 0.3, 6.1])]
+    cpu = features(batch)[:, 0]  # [B, frames, mels]
+    with torch.inference_mode():
+        torch.testing.assert_close(features._log_mel(batch, None, None), cpu, rtol=0, atol=1e-4)
+    if torch.cuda.is_available():
+        on_gpu = ClapFeatures.from_extractor(ClapFeatureExtractor(truncation="rand_trunc")).to("cuda")
+        torch.testing.assert_close(on_gpu(batch).cpu()[:, 0], cpu, rtol=0, atol=1e-4)
+
+
 def test_concurrent_callers_get_their_own_results():
     """The CPU buffers kept between calls are shared by every caller of the module (the app embeds from several
     threads): results must not mix."""

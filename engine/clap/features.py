@@ -19,11 +19,11 @@ the frame's loudest bin, which lifts bins that float64 puts at the -100 dB floor
 chirp (measured: max error / max |value| 2.4e-3 for float32, 8e-8 for float64). The spectrum is then rounded to
 complex64, as the extractor stores it, and the mel product and the log run in float32 (relative error ~1e-6).
 
-CPU: rows are computed one chunk at a time in buffers the module keeps (about 23 MB for a row of 10 s at 48 kHz). Fresh
-buffers of this size are fresh pages from the kernel on most calls (glibc returns them between calls), and the page
-faults alone cost about as much as the FFT on a small virtual machine. One lock guards the buffers, so concurrent
-callers take turns for the few milliseconds the features take. On a GPU the caching allocator already reuses memory
-and the whole batch is one chunk.
+CPU: rows are computed one at a time, in blocks of frames small enough to stay in the caches, in buffers the module
+keeps between calls (about 6 MB). Fresh multi-megabyte buffers are fresh pages from the kernel on most calls (glibc
+returns them between calls), and those page faults cost about as much as the FFT on a small virtual machine. One
+lock guards the buffers, so concurrent callers take turns for the few milliseconds the features take. On a GPU the
+whole batch is one FFT call and the caching allocator reuses memory.
 """
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ class ClapFeatures(nn.Module):
     instead, a deliberate difference from both, so a window's embedding depends on its own samples only.
     """
 
-    cpu_chunk = 1  # rows per FFT call on the CPU (least CPU time per row in benchmarks/bench_features.py)
+    # Frames per FFT call on the CPU: 128 frames of 1024 float64 samples (1 MB) and their spectrum stay in the
+    # caches; a whole 10-s window's 16 MB do not (benchmarks/bench_features.py measures the choice).
+    cpu_block_frames = 128
 
     def __init__(self, *, max_samples: int, n_fft: int, hop_length: int, window: np.ndarray, mel_filters: np.ndarray,
                  padding: str = "repeatpad", fused: bool = False) -> None:
@@ -132,44 +134,50 @@ class ClapFeatures(nn.Module):
     def forward(self, windows: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Windows (mono, at most ``max_samples`` each) -> [B, 1 or 4, frames, mels] float32 log-mel in dB."""
         self.check(windows)
-        if self.window.device.type == "cpu":
+        if self.window.device.type == "cpu":  # one row at a time, in blocks of frames, in the kept buffers
             with self._workspace_lock:
-                chunk = self.cpu_chunk
-                log_mel = torch.cat([self._log_mel(windows[i:i + chunk], self._buffer)
-                                     for i in range(0, len(windows), chunk)])
-        else:
-            log_mel = self._log_mel(windows, None)
+                log_mel = torch.cat([self._log_mel(windows[i:i + 1], self.cpu_block_frames, self._buffer)
+                                     for i in range(len(windows))])
+        else:  # the whole batch at once
+            log_mel = self._log_mel(windows, None, None)
         channels = FUSION_CHANNELS if self.fused else 1
         return log_mel[:, None].expand(-1, channels, -1, -1).contiguous()  # [B, C, frames, mels]
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The kept CPU buffer ``name`` with at least ``shape[0]`` rows, as a view of exactly ``shape``."""
+        """A CPU tensor of ``shape`` kept between calls under ``name`` (made again if the shape changes)."""
         buffer = self._workspace.get(name)
-        if buffer is None or buffer.shape[1:] != shape[1:] or buffer.shape[0] < shape[0] or buffer.dtype != dtype:
-            buffer = self._workspace[name] = torch.empty((max(shape[0], self.cpu_chunk), *shape[1:]), dtype=dtype)
-        return buffer[:shape[0]]
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._workspace[name] = torch.empty(shape, dtype=dtype)
+        return buffer
 
-    def _log_mel(self, windows: Sequence[np.ndarray | torch.Tensor], buffer) -> torch.Tensor:
-        """Windows -> [B, frames, mels] float32; intermediate results in ``buffer(name, shape, dtype)`` tensors
-        (None: new tensors)."""
-        def space(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-            return buffer(name, shape, dtype) if buffer is not None else None
-
+    def _log_mel(self, windows: Sequence[np.ndarray | torch.Tensor], block: int | None, buffer) -> torch.Tensor:
+        """Windows -> [B, frames, mels] float32, ``block`` frames per FFT call (None: all at once); intermediate
+        results go to ``buffer(name, shape, dtype)`` tensors when it is given, else to new tensors."""
         rows, edge, size = len(windows), self.n_fft // 2, self.max_samples
         # Centred frames: n_fft/2 reflected samples on each side (what torch.stft / np.pad "reflect" add), written
         # into the same buffer as the padded windows instead of copying them again.
-        waveform = self.pad(windows, edge, out=space("waveform", (rows, edge + size + edge), torch.float64))
+        padded = buffer("waveform", (rows, edge + size + edge), torch.float64) if buffer else None
+        waveform = self.pad(windows, edge, out=padded)  # [B, edge + S + edge] float64
         waveform[:, :edge] = waveform[:, edge + 1:2 * edge + 1].flip(-1)
         waveform[:, edge + size:] = waveform[:, size - 1:edge + size - 1].flip(-1)
-        frames = waveform.unfold(-1, self.n_fft, self.hop_length)  # [B, frames, n_fft], a view
+        frames = waveform.unfold(-1, self.n_fft, self.hop_length)  # [B, T, n_fft], a view
         count = frames.shape[1]
-        windowed = torch.mul(frames, self.window, out=space("windowed", (rows, count, self.n_fft), torch.float64))
-        bins = self.n_fft // 2 + 1
-        spectrum = torch.fft.rfft(windowed, out=space("spectrum", (rows, count, bins), torch.complex128))
-        # (re, im) of the used bins, rounded to float32 as the extractor rounds its spectrum to complex64
-        used = torch.view_as_real(spectrum[:, :, self.first_bin:self.end_bin])  # [B, frames, used bins, 2]
-        parts = space("parts", tuple(used.shape), torch.float32)
-        parts = used.to(torch.float32) if parts is None else parts.copy_(used)
-        # |X|^2 @ filters == [re^2, im^2] @ (each filter row twice): the sum of squares happens inside the matmul.
-        mel = torch.matmul(parts.square_().flatten(2), self.mel_filters_pairs)  # [B, frames, mels], a new tensor
+        block = block or count
+        used_bins = self.end_bin - self.first_bin
+        mel = torch.empty(rows, count, self.mel_filters.shape[1], device=waveform.device)  # [B, T, mels]
+
+        def space(name: str, width: tuple[int, ...], dtype: torch.dtype, n: int) -> torch.Tensor | None:
+            return buffer(name, (rows, block, *width), dtype)[:, :n] if buffer else None
+
+        for start in range(0, count, block):
+            n = min(block, count - start)
+            windowed = torch.mul(frames[:, start:start + n], self.window,
+                                 out=space("windowed", (self.n_fft,), torch.float64, n))
+            spectrum = torch.fft.rfft(windowed, out=space("spectrum", (self.n_fft // 2 + 1,), torch.complex128, n))
+            # (re, im) of the used bins, rounded to float32 as the extractor rounds its spectrum to complex64
+            used = torch.view_as_real(spectrum[:, :, self.first_bin:self.end_bin])  # [B, n, used bins, 2]
+            parts = space("parts", (used_bins, 2), torch.float32, n)
+            parts = used.to(torch.float32) if parts is None else parts.copy_(used)
+            # |X|^2 @ filters == [re^2, im^2] @ (each filter row twice): the sum of squares happens in the matmul
+            torch.matmul(parts.square_().flatten(2), self.mel_filters_pairs, out=mel[:, start:start + n])
         return 10.0 * torch.log10(mel.clamp_min_(DB_FLOOR))
