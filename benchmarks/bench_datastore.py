@@ -50,9 +50,9 @@ from engine.clap.base import l2_normalize  # noqa: E402
 from engine.clap.hf import HFClapBackend  # noqa: E402
 from engine.clap.tiny import UNTRAINED_MARKER, build_tiny_clap, train_caption_tokenizer  # noqa: E402
 from engine.config import DatastoreConfig  # noqa: E402
-from engine.datastore import (CaptionDatastore, DatastoreManifest, exact_search, read_captions,  # noqa: E402
-                              unique_captions)
-from engine.threads import faiss_threads, faiss_threads_for  # noqa: E402
+from engine.datastore import (EXACT_CHUNK_SCORES, TIE_TOLERANCE, CaptionDatastore, DatastoreManifest,  # noqa: E402
+                              exact_search, read_captions, unique_captions)
+from engine.threads import FAISS_PARALLEL_MIN_QUERIES, faiss_threads, faiss_threads_for  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_TRAIN_CSV = PROJECT_ROOT.parent / "shared" / "data" / "audiocaps" / "train.csv"
@@ -594,11 +594,14 @@ def measure_large(size: int, kinds: Sequence[str], probes: Sequence[int], efs: S
 
 
 def structure(real: np.ndarray, vectors: np.ndarray, raw: np.ndarray, lifted: np.ndarray, k: int) -> dict:
-    """Mean cosine of the 1st and k-th neighbour of each query: among the real vectors (128-d) and in the large set."""
-    real_scores = exact_search(real, np.ascontiguousarray(raw / np.linalg.norm(raw, axis=1, keepdims=True)), k)[0]
-    large_scores = exact_search(vectors, lifted, k)[0]
+    """Mean cosine of the 1st and k-th neighbour of each query among the real vectors (128-d) and in the large set,
+    and the share of queries with near-ties in each (exact search re-searches those with faiss)."""
+    real_scores, _, real_ties = exact_search(real, np.ascontiguousarray(raw / np.linalg.norm(raw, axis=1,
+                                                                                            keepdims=True)), k)
+    large_scores, _, large_ties = exact_search(vectors, lifted, k)
     return {"real": (float(real_scores[:, 0].mean()), float(real_scores[:, -1].mean())),
-            "large": (float(large_scores[:, 0].mean()), float(large_scores[:, -1].mean()))}
+            "large": (float(large_scores[:, 0].mean()), float(large_scores[:, -1].mean())),
+            "near_ties": (float(real_ties.mean()), float(large_ties.mean()))}  # rows exact search hands to faiss
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -819,9 +822,51 @@ def render_models(res: dict) -> list[str]:
 
 
 def notes_for(res: dict) -> list[str]:
-    notes = [
+    notes = []
+    t = res.get("threads")
+    if t:
+        c = t["cases"]
+        before, now = c["faiss"], c["engine"]
+        notes.append(
+            "Thread settings (table 1): one exact query went from "
+            f"{before['search_idle']:.1f} ms idle / {before['search_after_forward']:.1f} ms right after a forward "
+            f"(faiss flat, its default threads) to {now['search_idle']:.1f} / {now['search_after_forward']:.1f} ms "
+            "(the engine's torch matrix product, which runs on the pool the forward just used; no second OpenMP pool "
+            "wakes up). The engine applies, in engine/threads.py: exact search through torch; faiss searches "
+            f"(approximate indexes, near-tie rows) with 1 OpenMP thread below {FAISS_PARALLEL_MIN_QUERIES} queries "
+            "per call, all cores above; the count set around each search in the searching thread, because libgomp "
+            "keeps it per thread (a setting made at start never reaches a server's worker threads; tested).")
+        notes.append(
+            "`OMP_WAIT_POLICY=PASSIVE` / `GOMP_SPINCOUNT` (threads sleep instead of spinning) are measured but not "
+            "applied: they must be set before torch is imported and change every torch operation in the process "
+            "(model forwards, decoding), whose cost on a quiet machine this benchmark does not measure; the engine "
+            "leaves the environment alone. On a loaded machine spinning threads steal cores from the other pool, "
+            "which is what the 'forward right after the search' column shows.")
+    b = res.get("batch")
+    if b:
+        notes.append(
+            "Batched queries (table 2): the engine scores all Q queries of a call with one matrix product (chunks of "
+            f"at most {EXACT_CHUNK_SCORES:,} scores) and takes the top k with torch.topk; faiss's flat index, below "
+            f"its BLAS threshold ({res['machine']['blas_threshold']:,} queries in this build), scans the whole "
+            "matrix once per query. Results: indices equal faiss's row for row (tested for Q = 0..300, k > N, "
+            "duplicate vectors); scores agree within 1e-6 (float32 sums in another order). Rows with two of their "
+            f"top k+1 scores within {TIE_TOLERANCE:g} of each other, whose order only faiss's own sums can decide, "
+            "are re-searched with faiss.")
+    g = res.get("large")
+    if g:
+        ties = [f"{name} {s['near_ties'][0]:.1%}" for name, s in g["structure"].items()]
+        notes.append("Near-ties needing that faiss re-search, among the real demo-store vectors: "
+                     + ", ".join(ties) + " of queries.")
+        notes.append(
+            "The large store (table 6): the audio queries sit far from every caption embedding (CLAP's modality "
+            "gap: see the mean cosines above), so their neighbours spread over more IVF cells than a caption's do "
+            "and need more cells visited (nprobe) for the same recall. Default: "
+            f"`approximate_index = \"{DatastoreConfig().approximate_index}\"`, nlist = min(2*sqrt(N), N/39), "
+            f"`ivf_nprobe = {DatastoreConfig().ivf_nprobe}`, `rerank_depth = {DatastoreConfig().rerank_depth}`; "
+            "the cells are trained by 10 k-means iterations on 64 points per cell (build time in the table).")
+    notes += [
         "**tiny** numbers are a floor: a 32-d model with two small transformer layers per tower. Nothing "
-        "real ships with it; it shows the overhead of the pipeline itself (tokenisation, mel features, faiss, "
+        "real ships with it; it shows the overhead of the pipeline itself (tokenisation, mel features, search, "
         "Python).",
         "**full** has random weights but exactly the layer shapes of laion/clap-htsat-unfused, so its compute "
         "(and hence its time) is what the real checkpoint costs on this CPU. Its tokenizer has a smaller "
@@ -829,22 +874,15 @@ def notes_for(res: dict) -> list[str]:
         "the token count (reported above), and a tokenizer trained on the captions themselves cuts them into "
         "about as many or slightly fewer tokens than roberta-base would, so its build rate may be slightly "
         "optimistic.",
-        "The search cost depends only on N, D, k and the index type, not on what the vectors mean; the D=512 rows "
-        "therefore use random unit vectors for the same number of captions. Random high-dimensional vectors have no "
-        "cluster structure, which is the worst case for IVF recall; trained CLAP embeddings cluster and usually "
-        "give higher recall at the same nprobe.",
-        "With the default `DatastoreConfig` (exact_max_size = 200,000) a 45,716-caption store uses the exact flat "
-        "index, so the flat rows are what the app does; the IVF rows show what a store above that size would do "
-        f"(nlist = min(4*sqrt(N), N/39), nprobe = {DatastoreConfig().ivf_nprobe}).",
-        "Batched queries amortise per-call overhead, so the per-query cost in a batch is lower than a single "
-        "query's. Exact search over 45,716 x 512 float32 (94 MB) is bound by memory bandwidth: without the BLAS "
-        "kernel each query of a batch streams the whole matrix again.",
+        "Search cost depends only on N, D, k and the index type, not on what the vectors mean; tables 1, 2 and the "
+        "D=512 rows of table 4 therefore use random unit vectors. Random high-dimensional vectors have no "
+        "cluster structure, the worst case for IVF recall (table 4's D=512 approximate row); table 6 measures "
+        "recall on CLAP-like vectors instead.",
+        "With the default `DatastoreConfig` (exact_max_size = 200,000) a 45,716-caption store is searched exactly, "
+        "so table 4's exact rows are what the app does; the approximate rows show what a store above that size "
+        "would use.",
         "In the end-to-end query the audio embedding dominates: for tiny a large part of it is the mel spectrogram "
         "(the same for every model), for full the HTSAT tower. The exact search is a small fraction of the total.",
-        "The search inside the end-to-end query is slower than the isolated faiss search above. torch and faiss "
-        "each ship their own OpenMP runtime with one thread per core; right after the audio tower, torch's idle "
-        "threads still spin-wait and compete with faiss's threads for the 2 cores. (`OMP_WAIT_POLICY=PASSIVE` "
-        "removes that penalty but slows the isolated search; not applied here.)",
         "p95 values are the most sensitive to other processes on the machine: isolated spikes (several times the "
         "median) are contention, not a property of the code. Compare medians.",
     ]
@@ -914,6 +952,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large-ef", default="64,128,256", help="HNSW efSearch values, each measured")
     p.add_argument("--large-text-queries", type=int, default=500, help="held-out caption queries (recall, latency)")
     p.add_argument("--large-repeats", type=int, default=200, help="timed one-query searches per setting")
+    p.add_argument("--save-json", type=Path, default=None, help="also write the raw results to this JSON file")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="measure nothing: render the section from results saved by --save-json")
     p.add_argument("--thread-case", choices=sorted(THREAD_CASES), help=argparse.SUPPRESS)  # a child's own case
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -944,6 +985,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.thread_case:  # a child of measure_thread_settings: one JSON line on stdout
         print(json.dumps(thread_case_child(args.thread_case, args.thread_repeats)))
         return 0
+    if args.from_json:
+        return report(json.loads(args.from_json.read_text()), args)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = "python -m benchmarks.bench_datastore" + (" " + shlex.join(argv_list) if argv_list else "")
     seed_everything(0)
@@ -1032,13 +1075,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["load_end"] = os.getloadavg()[0]
     res["others_cores"] = whole_run.others()
     res["runtime_s"] = time.perf_counter() - started
+    if args.save_json:
+        args.save_json.write_text(json.dumps(res, indent=1, default=float))
+    log(f"done in {res['runtime_s']:.0f} s")
+    return report(res, args)
+
+
+def report(res: dict, args: argparse.Namespace) -> int:
+    """Print the markdown section and write it into ``args.out``."""
     res["notes"] = notes_for(res)
     section = render(res)
     print(section)
     if str(args.out) != "-":
         write_section(args.out, section)
         log(f"wrote {args.out}")
-    log(f"done in {res['runtime_s']:.0f} s")
     return 0
 
 

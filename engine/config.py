@@ -69,7 +69,7 @@ class DatastoreConfig:
     # of full vectors: a second copy of the embeddings); chosen by measurement (benchmarks/RESULTS.md)
     approximate_index: str = "ivf_sq4"
     ivf_nlist: int = 0  # IVF cells; 0 picks 2*sqrt(N) for ivf_sq4, 4*sqrt(N) for ivf
-    ivf_nprobe: int = 32  # IVF cells visited per query: higher is slower and closer to exact
+    ivf_nprobe: int = 64  # IVF cells visited per query: higher is slower and closer to exact (RESULTS.md)
     rerank_depth: int = 50  # ivf_sq4: candidates per query re-scored exactly (at least k)
     chunk_size: int = 2048  # captions embedded per chunk while building
     top_k: int = 5  # captions shown per query

@@ -151,7 +151,7 @@ def test_the_approximate_index_finds_the_exact_top_5(clap_like):
     assert store.manifest.index_type == "ivf_sq4"
     assert store.manifest.index_params == {"nlist": int(2 * 30_000 ** 0.5), "code_bytes": 128,
                                            "build_s": store.manifest.index_params["build_s"]}
-    assert isinstance(store.index, faiss.IndexIVFScalarQuantizer) and store.index.nprobe == 32
+    assert isinstance(store.index, faiss.IndexIVFScalarQuantizer) and store.index.nprobe == DatastoreConfig().ivf_nprobe
     _, truth = faiss_flat(vectors, queries, 5)
     found = store.search(queries, 5)
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found.indices.tolist(), truth.tolist())])
