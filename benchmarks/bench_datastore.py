@@ -238,7 +238,7 @@ def measure_search(flat: CaptionDatastore, ivf: CaptionDatastore, pool: np.ndarr
 
 
 def measure_end_to_end(clap: HFClapBackend, store: CaptionDatastore, repeats: int, k: int) -> dict:
-    """One 10-s clip: ``clap.embed_audio`` then ``store.search`` (the datastore's own search: faiss + caption lookup)."""
+    """One 10-s clip: ``clap.embed_audio`` then ``store.search`` (its exact search + caption lookup)."""
     rng = np.random.default_rng(0)
     t = np.arange(int(CLIP_S * clap.sample_rate)) / clap.sample_rate
     clip = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
@@ -588,7 +588,7 @@ def measure_large(size: int, kinds: Sequence[str], probes: Sequence[int], efs: S
             log(f"large: {kind} {'efSearch' if kind == 'hnsw' else 'nprobe'} {value}: p50 "
                 f"{np.median(single):.2f} ms, recall " + ", ".join(f"{n} {r:.3f}" for n, r in recall.items()))
         res["indexes"].append(row)
-        del index, store
+        index = store = search = None  # free this index before the next one is built
         gc.collect()
     return res
 
@@ -636,7 +636,7 @@ def fmt_ms(s: dict) -> str:
 
 
 def render(res: dict) -> str:
-    a, m = res["args"], res["machine"]
+    m = res["machine"]
     lines = [SECTION_TITLE, ""]
     lines += [f"Command: `{res['command']}`  ", f"Date: {res['date']}  ",
               f"Runtime: {res['runtime_s']:.0f} s  ",

@@ -13,6 +13,11 @@ that DRCap projects audio embeddings onto (its "support"). On disk it is a direc
 Every save writes a new version folder and then switches the manifest (engine/atomic.py), so a store killed while
 saving still loads as before. Format-1 stores (files beside the manifest) load as they are.
 
+Search (measured in benchmarks/RESULTS.md, "Caption datastore"): up to ``exact_max_size`` captions exactly, as one
+torch matrix product per call (:func:`exact_search`; results equal the flat faiss index's); above it through the
+manifest's ``index_type``: ``ivf_sq4`` (IVF cells of 4-bit codes, candidates re-scored exactly, :func:`rerank`) or
+``ivf`` (IVF cells of full vectors, the index of stores built before ivf_sq4). Thread settings: engine/threads.py.
+
 Loading against a different CLAP is refused: cosine scores between two models' embeddings mean nothing.
 """
 from __future__ import annotations
