@@ -97,6 +97,8 @@ def test_tiny_model_config_and_a_mixed_batch(tiny_extractor):
     assert not features.fused and features.padding == "repeatpad"
     assert torch.equal(features.mel_filters, torch.from_numpy(tiny_extractor.mel_filters_slaney).float())
     batch = list(signals(48_000, 10.0).values()) + [noise_clip(s, 48_000, seed=i) for i, s in enumerate([0.3, 7.5])]
+    # float64 samples that float32 cannot hold: the extractor computes with them as they are, so do we
+    batch.append(np.random.default_rng(9).standard_normal(48_000 * 2) * 0.1)
     ours = features(batch)
     reference = reference_features(tiny_extractor, batch)
     assert ours.shape == (len(batch), 1, 1001, 64)
@@ -122,8 +124,13 @@ def test_the_gpu_code_path_equals_the_cpu_one():
     features = ClapFeatures.from_extractor(ClapFeatureExtractor(truncation="rand_trunc"))
     batch = [noise_clip(s, 48_000, seed=i) for i, s in enumerate([10.0, 0.3, 6.1])]
     cpu = features(batch)[:, 0]  # [B, frames, mels]
+    whole_batch = torch.empty_like(cpu)
     with torch.inference_mode():
-        torch.testing.assert_close(features._log_mel(batch, None, None), cpu, rtol=0, atol=1e-4)
+        features._log_mel(batch, whole_batch, None, None)
+    torch.testing.assert_close(whole_batch, cpu, rtol=0, atol=1e-4)
+    # and blocks of frames per FFT call (a setting) give the same as whole windows
+    features.cpu_block_frames = 128
+    torch.testing.assert_close(features(batch)[:, 0], cpu, rtol=0, atol=1e-4)
     if torch.cuda.is_available():
         on_gpu = ClapFeatures.from_extractor(ClapFeatureExtractor(truncation="rand_trunc")).to("cuda")
         torch.testing.assert_close(on_gpu(batch).cpu()[:, 0], cpu, rtol=0, atol=1e-4)

@@ -52,9 +52,10 @@ class ClapFeatures(nn.Module):
     instead, a deliberate difference from both, so a window's embedding depends on its own samples only.
     """
 
-    # Frames per FFT call on the CPU: 128 frames of 1024 float64 samples (1 MB) and their spectrum stay in the
-    # caches; a whole 10-s window's 16 MB do not (benchmarks/bench_features.py measures the choice).
-    cpu_block_frames = 128
+    # Frames per FFT call on the CPU (None: the whole window). Cache-sized blocks save ~10% of the work on one
+    # thread, but with 2 threads on a busy machine every extra parallel op waits for its second thread, and 8
+    # blocks cost several times more than one call (benchmarks/bench_features.py measures both).
+    cpu_block_frames: int | None = None
 
     def __init__(self, *, max_samples: int, n_fft: int, hop_length: int, window: np.ndarray, mel_filters: np.ndarray,
                  padding: str = "repeatpad", fused: bool = False) -> None:
@@ -107,13 +108,14 @@ class ClapFeatures(nn.Module):
 
     def pad(self, windows: Sequence[np.ndarray | torch.Tensor], edge: int = 0,
             out: torch.Tensor | None = None) -> torch.Tensor:
-        """Windows -> [B, edge + max_samples + edge] float64 on the module's device (in ``out`` when given): each
-        window padded on its own to ``max_samples`` (``padding``); the ``edge`` samples on both sides are left for
-        the caller to fill."""
+        """Windows -> [B, edge + max_samples + edge] on the module's device (in ``out`` when given; else float32 if
+        every window is float32, float64 otherwise): each window padded on its own to ``max_samples``
+        (``padding``); the ``edge`` samples on both sides are left for the caller to fill."""
         self.check(windows)
         size = self.max_samples
         if out is None:
-            out = torch.empty(len(windows), edge + size + edge, dtype=torch.float64, device=self.window.device)
+            out = torch.empty(len(windows), edge + size + edge, dtype=self.sample_dtype(windows),
+                              device=self.window.device)
         for row, window in enumerate(windows):
             samples = torch.as_tensor(window).reshape(-1).to(out.device)
             length = samples.numel()
@@ -131,15 +133,23 @@ class ClapFeatures(nn.Module):
             out[row, edge + filled + tail:edge + size] = 0.0
         return out
 
+    @staticmethod
+    def sample_dtype(windows: Sequence[np.ndarray | torch.Tensor]) -> torch.dtype:
+        """float32 when every window is float32 (audio as the engine loads it), else float64 (as the extractor
+        converts everything). The FFT is float64 either way: float32 samples are exact in float64."""
+        float32 = (np.float32, torch.float32)
+        return torch.float32 if all(window.dtype in float32 for window in windows) else torch.float64
+
     def forward(self, windows: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Windows (mono, at most ``max_samples`` each) -> [B, 1 or 4, frames, mels] float32 log-mel in dB."""
         self.check(windows)
-        if self.window.device.type == "cpu":  # one row at a time, in blocks of frames, in the kept buffers
+        log_mel = torch.empty(len(windows), self.num_frames, self.mel_filters.shape[1], device=self.window.device)
+        if self.window.device.type == "cpu":  # one row at a time, in the kept buffers
             with self._workspace_lock:
-                log_mel = torch.cat([self._log_mel(windows[i:i + 1], self.cpu_block_frames, self._buffer)
-                                     for i in range(len(windows))])
+                for row in range(len(windows)):
+                    self._log_mel(windows[row:row + 1], log_mel[row:row + 1], self.cpu_block_frames, self._buffer)
         else:  # the whole batch at once
-            log_mel = self._log_mel(windows, None, None)
+            self._log_mel(windows, log_mel, None, None)
         channels = FUSION_CHANNELS if self.fused else 1
         return log_mel[:, None].expand(-1, channels, -1, -1).contiguous()  # [B, C, frames, mels]
 
@@ -150,27 +160,29 @@ class ClapFeatures(nn.Module):
             buffer = self._workspace[name] = torch.empty(shape, dtype=dtype)
         return buffer
 
-    def _log_mel(self, windows: Sequence[np.ndarray | torch.Tensor], block: int | None, buffer) -> torch.Tensor:
-        """Windows -> [B, frames, mels] float32, ``block`` frames per FFT call (None: all at once); intermediate
-        results go to ``buffer(name, shape, dtype)`` tensors when it is given, else to new tensors."""
+    def _log_mel(self, windows: Sequence[np.ndarray | torch.Tensor], out: torch.Tensor, block: int | None,
+                 buffer) -> None:
+        """Windows -> ``out`` [B, frames, mels] float32, ``block`` frames per FFT call (None: all at once);
+        intermediate results go to ``buffer(name, shape, dtype)`` tensors when it is given, else to new tensors."""
         rows, edge, size = len(windows), self.n_fft // 2, self.max_samples
         # Centred frames: n_fft/2 reflected samples on each side (what torch.stft / np.pad "reflect" add), written
         # into the same buffer as the padded windows instead of copying them again.
-        padded = buffer("waveform", (rows, edge + size + edge), torch.float64) if buffer else None
-        waveform = self.pad(windows, edge, out=padded)  # [B, edge + S + edge] float64
+        dtype = self.sample_dtype(windows)
+        padded = buffer(f"waveform-{dtype}", (rows, edge + size + edge), dtype) if buffer else None
+        waveform = self.pad(windows, edge, out=padded)  # [B, edge + S + edge]
         waveform[:, :edge] = waveform[:, edge + 1:2 * edge + 1].flip(-1)
         waveform[:, edge + size:] = waveform[:, size - 1:edge + size - 1].flip(-1)
         frames = waveform.unfold(-1, self.n_fft, self.hop_length)  # [B, T, n_fft], a view
         count = frames.shape[1]
         block = block or count
         used_bins = self.end_bin - self.first_bin
-        mel = torch.empty(rows, count, self.mel_filters.shape[1], device=waveform.device)  # [B, T, mels]
 
         def space(name: str, width: tuple[int, ...], dtype: torch.dtype, n: int) -> torch.Tensor | None:
             return buffer(name, (rows, block, *width), dtype)[:, :n] if buffer else None
 
         for start in range(0, count, block):
             n = min(block, count - start)
+            # float64 from here (float32 samples times the float64 window promote, exactly)
             windowed = torch.mul(frames[:, start:start + n], self.window,
                                  out=space("windowed", (self.n_fft,), torch.float64, n))
             spectrum = torch.fft.rfft(windowed, out=space("spectrum", (self.n_fft // 2 + 1,), torch.complex128, n))
@@ -179,5 +191,5 @@ class ClapFeatures(nn.Module):
             parts = space("parts", (used_bins, 2), torch.float32, n)
             parts = used.to(torch.float32) if parts is None else parts.copy_(used)
             # |X|^2 @ filters == [re^2, im^2] @ (each filter row twice): the sum of squares happens in the matmul
-            torch.matmul(parts.square_().flatten(2), self.mel_filters_pairs, out=mel[:, start:start + n])
-        return 10.0 * torch.log10(mel.clamp_min_(DB_FLOOR))
+            torch.matmul(parts.square_().flatten(2), self.mel_filters_pairs, out=out[:, start:start + n])
+        out.clamp_min_(DB_FLOOR).log10_().mul_(10.0)
