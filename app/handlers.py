@@ -207,7 +207,9 @@ class CaptionHandlers(ServiceHandlers):
         cfg = self.service.config.caption
         settings = self.generation_settings(num_beams or cfg.num_beams, max_new_tokens or cfg.max_new_tokens)
         audio = self._load(audio_path)
+        start = time.perf_counter()
         embedded = self.service.embed(audio)  # the request's one audio-tower pass
+        clap_ms = 1000 * (time.perf_counter() - start)
         found = self.service.retrieve(audio, int(k), domain=domain, embedded=embedded)
         captions = (self.service.caption(audio, domain=domain, settings=settings, embedded=embedded)
                     if cfg.enabled else None)
@@ -222,7 +224,7 @@ class CaptionHandlers(ServiceHandlers):
         if captions is None:
             info += "  \nCaptioning is off on this server: the timeline shows the best retrieved captions."
             return info, "Captioning is off on this server: retrieved captions only.", clip, support, table, plot
-        timings = ", ".join(f"{name} {ms:.0f} ms" for name, ms in captions.timings_ms.items())
+        timings = ", ".join(f"{name} {ms:.0f} ms" for name, ms in {"clap": clap_ms, **captions.timings_ms}.items())
         info += f"  \nCaptioning time: {timings} ({settings.num_beams} beams, ≤ {settings.max_new_tokens} tokens)"
         return info, captions.clip.caption or "(the model produced an empty caption)", clip, support, table, plot
 
