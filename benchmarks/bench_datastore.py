@@ -50,9 +50,11 @@ from engine.clap.base import l2_normalize  # noqa: E402
 from engine.clap.hf import HFClapBackend  # noqa: E402
 from engine.clap.tiny import UNTRAINED_MARKER, build_tiny_clap, train_caption_tokenizer  # noqa: E402
 from engine.config import DatastoreConfig  # noqa: E402
-from engine.datastore import (EXACT_CHUNK_SCORES, TIE_TOLERANCE, CaptionDatastore, DatastoreManifest,  # noqa: E402
+from engine.datastore import (APPROXIMATE_INDEXES, CODE_BITS, EXACT_CHUNK_SCORES, PREFILTER_DEPTH,  # noqa: E402
+                              PREFILTER_MAX_QUERIES, TIE_TOLERANCE, CaptionDatastore, DatastoreManifest,
                               exact_search, read_captions, unique_captions)
-from engine.threads import FAISS_PARALLEL_MIN_QUERIES, faiss_threads, faiss_threads_for  # noqa: E402
+from engine.threads import (EXACT_PARALLEL_MIN_WORK, FAISS_PARALLEL_MIN_QUERIES, faiss_threads,  # noqa: E402
+                            faiss_threads_for)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_TRAIN_CSV = PROJECT_ROOT.parent / "shared" / "data" / "audiocaps" / "train.csv"
@@ -191,14 +193,25 @@ def time_flat_build(store: CaptionDatastore) -> float:
     return time.perf_counter() - t0
 
 
-def ivf_twin(store: CaptionDatastore) -> tuple[CaptionDatastore, float]:
-    """The same captions and embeddings behind the approximate index (exact_max_size=0 forces it; the default
-    ``approximate_index``); returns its build time."""
+def ivf_twin(store: CaptionDatastore, kind: str | None = None) -> tuple[CaptionDatastore, float]:
+    """The same captions and embeddings behind an approximate index (exact_max_size=0 forces it; default: the
+    default ``approximate_index``); returns its build time."""
     manifest = dataclasses.replace(store.manifest, sources=list(store.manifest.sources))
+    config = DatastoreConfig(exact_max_size=0, **({"approximate_index": kind} if kind else {}))
     t0 = time.perf_counter()
-    ivf = CaptionDatastore(store.captions, store.caption_sources, store.embeddings, manifest,
-                           DatastoreConfig(exact_max_size=0))
+    ivf = CaptionDatastore(store.captions, store.caption_sources, store.embeddings, manifest, config)
     return ivf, time.perf_counter() - t0
+
+
+def other_recalls(store: CaptionDatastore, pool: np.ndarray, k: int) -> dict[str, float]:
+    """Recall@k against exact search of the approximate indexes other than the default, on the same vectors."""
+    _, exact = store.index.search(pool, k)
+    out = {}
+    for kind in APPROXIMATE_INDEXES:
+        if kind != DatastoreConfig().approximate_index:
+            twin, _ = ivf_twin(store, kind)
+            out[kind] = recall_at(twin.search(pool, k).indices, exact)
+    return out
 
 
 SEARCH_KINDS = ("faiss_flat", "exact", "approx")  # faiss's flat index (the store's search before), the store's
@@ -318,9 +331,8 @@ THREAD_CASES = {  # key: (label, environment, faiss OpenMP threads (0 = default)
     "faiss_passive": ("faiss flat index, `OMP_WAIT_POLICY=PASSIVE`", {"OMP_WAIT_POLICY": "PASSIVE"}, 0, "faiss"),
     "faiss_spin": ("faiss flat index, `GOMP_SPINCOUNT=10000`", {"GOMP_SPINCOUNT": "10000"}, 0, "faiss"),
     "numpy": ("numpy matrix-vector product + argpartition (numpy's OpenBLAS threads)", {}, 0, "numpy"),
-    "engine": ("**engine exact search: torch matrix product (now)**", {}, 0, "engine"),
-    "engine_passive": ("engine exact search, `OMP_WAIT_POLICY=PASSIVE`", {"OMP_WAIT_POLICY": "PASSIVE"}, 0,
-                       "engine"),
+    "engine": ("**store.search now: 8-bit codes on one thread, candidates re-scored exactly**", {}, 0, "engine"),
+    "engine_passive": ("store.search now, `OMP_WAIT_POLICY=PASSIVE`", {"OMP_WAIT_POLICY": "PASSIVE"}, 0, "engine"),
 }
 THREAD_PAUSE_S = 0.05  # "idle": this long after the last OpenMP work, every spinning thread has gone to sleep
 
@@ -347,6 +359,7 @@ def thread_case_child(key: str, repeats: int) -> dict:
     manifest = DatastoreManifest(clap_name="random", clap_fingerprint="random", embedding_dim=THREAD_DIM,
                                  size=THREAD_N)
     store = CaptionDatastore([str(i) for i in range(THREAD_N)], [""] * THREAD_N, vectors, manifest)
+    store._codes()  # built on the first exact search: not part of a query's time
     calls = {"faiss": lambda q: store.index.search(q, 5), "engine": lambda q: store.search(q, 5),
              "numpy": lambda q: np.argpartition(-(q @ vectors.T), 5, axis=1)[:, :5]}
     call = calls[search]
@@ -411,6 +424,7 @@ def measure_batched(repeats: int, k: int) -> dict:
     manifest = DatastoreManifest(clap_name="random", clap_fingerprint="random", embedding_dim=THREAD_DIM,
                                  size=THREAD_N)
     store = CaptionDatastore([str(i) for i in range(THREAD_N)], [""] * THREAD_N, vectors, manifest)
+    store._codes()  # built on the first exact search: not part of a query's time
     pool = random_queries(max(BATCH_SIZES) * 3, THREAD_DIM, seed=4)
     rows = []
     for count in BATCH_SIZES:
@@ -426,6 +440,8 @@ def measure_batched(repeats: int, k: int) -> dict:
 
         row = {"q": count, "repeats": times}
         for name, call in (("faiss", lambda q: store.index.search(q, k)), ("faiss_1", faiss_one_thread),
+                           ("codes", lambda q: store._search_prefiltered(q, k)),
+                           ("product", lambda q: exact_search(vectors, q, k)),
                            ("engine", lambda q: store.search(q, k))):
             row[name] = stats(timed(lambda i: call(batch(i)), times, warmup=2))
         _, reference = store.index.search(batch(0), k)
@@ -433,7 +449,36 @@ def measure_batched(repeats: int, k: int) -> dict:
         rows.append(row)
         log(f"batch Q={count}: faiss {row['faiss']['median']:.2f} ms, engine {row['engine']['median']:.2f} ms, "
             f"equal {row['equal']}")
-    return {"rows": rows, "n": THREAD_N, "dim": THREAD_DIM}
+    return {"rows": rows, "n": THREAD_N, "dim": THREAD_DIM, "sizes": measure_store_sizes(repeats, k)}
+
+
+STORE_SIZES = ((3_000, 32), (45_716, 32), (45_716, 128), (45_716, 512), (200_000, 512))  # (N, D): the exact range
+
+
+def measure_store_sizes(repeats: int, k: int) -> list[dict]:
+    """One query over exact stores of several sizes: faiss's flat scan on one thread, the torch matrix product
+    (``exact_search``) and ``store.search``, which picks between them by EXACT_PARALLEL_MIN_WORK."""
+    rows = []
+    for n, dim in STORE_SIZES:
+        vectors = np.random.default_rng(5).standard_normal((n, dim), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        manifest = DatastoreManifest(clap_name="random", clap_fingerprint="random", embedding_dim=dim, size=n)
+        store = CaptionDatastore([str(i) for i in range(n)], [""] * n, vectors, manifest)
+        pool = random_queries(repeats, dim, seed=6)
+        store._codes()  # built on first use (once per store): not part of a query's time
+
+        def scan(q: np.ndarray):
+            with faiss_threads(1):
+                return store.index.search(q, k)
+
+        row = {"n": n, "dim": dim, "work": n * dim}
+        for name, call in (("faiss_1", scan), ("codes", lambda q: store._search_prefiltered(q, k)),
+                           ("product", lambda q: exact_search(vectors, q, k)), ("store", lambda q: store.search(q, k))):
+            row[name] = stats(timed(lambda i: call(pool[i:i + 1]), repeats, warmup=3))
+        rows.append(row)
+        log(f"size {n:,} x {dim}: one thread {row['faiss_1']['median']:.2f} ms, product "
+            f"{row['product']['median']:.2f} ms, store {row['store']['median']:.2f} ms")
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -529,8 +574,9 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 def measure_large(size: int, kinds: Sequence[str], probes: Sequence[int], efs: Sequence[int], text_queries: int,
                   repeats: int, k: int) -> dict:
-    """Build a CLAP-like store of ``size`` x 512 and measure each index in ``kinds`` (ivf_sq4 and ivf through the
-    datastore, hnsw through faiss): build time, memory, one-query p50/p95 and recall@k against exact search."""
+    """Build a CLAP-like store of ``size`` x 512 and measure each index in ``kinds``: build time, memory, one-query
+    p50/p95 and recall@k against exact search. The first IVF kind is built by the datastore (cells trained); later
+    IVF kinds reuse a copy of its cells, so they differ only in what the cells hold; hnsw is faiss's HNSW32."""
     real = CaptionDatastore.load(DEMO_STORE).embeddings  # [45716, 128] demo-CLAP caption embeddings
     t0 = time.perf_counter()
     vectors, basis = clap_like_vectors(real, size, FULL_DIM, seed=0, **SYNTH)
@@ -546,30 +592,35 @@ def measure_large(size: int, kinds: Sequence[str], probes: Sequence[int], efs: S
                                  size=size)
     captions = [f"#{i}" for i in range(size)]
     timing_queries = queries["text"][:repeats]
-    cells = None
+    cells = None  # a copy of the first IVF index's trained cells
     for kind in kinds:
         log(f"large: building {kind}")
         t0 = time.perf_counter()
+        shared = kind != "hnsw" and cells is not None
         if kind == "hnsw":
             index = faiss.IndexHNSWFlat(FULL_DIM, 32, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = 40
             index.add(vectors)
             store = None
-        elif kind == "ivf" and cells is not None:  # full vectors in the same cells as ivf_sq4: only the add is new
-            index = faiss.IndexIVFFlat(cells, FULL_DIM, cells.ntotal, faiss.METRIC_INNER_PRODUCT)
+        elif shared:  # the same cells: IndexIVF.train skips k-means for a trained quantizer of nlist centroids
+            if kind == "ivf":
+                index = faiss.IndexIVFFlat(cells, FULL_DIM, cells.ntotal, faiss.METRIC_INNER_PRODUCT)
+            else:
+                qt = {8: faiss.ScalarQuantizer.QT_8bit, 4: faiss.ScalarQuantizer.QT_4bit}[CODE_BITS[kind]]
+                index = faiss.IndexIVFScalarQuantizer(cells, FULL_DIM, cells.ntotal, qt, faiss.METRIC_INNER_PRODUCT,
+                                                      False)
+                index.train(vectors[np.linspace(0, size - 1, 64 * cells.ntotal).astype(np.int64)])  # code ranges
             index.add(vectors)
-            store = CaptionDatastore(captions, [""] * size, vectors, dataclasses.replace(manifest, index_type="ivf"),
+            store = CaptionDatastore(captions, [""] * size, vectors, dataclasses.replace(manifest, index_type=kind),
                                      DatastoreConfig(exact_max_size=0), index=index)
         else:
             store = CaptionDatastore(captions, [""] * size, vectors, dataclasses.replace(manifest),
                                      DatastoreConfig(exact_max_size=0, approximate_index=kind))
             index = store.index
-            if kind == "ivf_sq4":  # a copy of its cells (the index owns its quantizer)
-                cells = faiss.IndexFlatIP(FULL_DIM)
-                cells.add(index.quantizer.reconstruct_n(0, index.nlist))
+            cells = faiss.IndexFlatIP(FULL_DIM)  # a copy (the index owns its quantizer)
+            cells.add(index.quantizer.reconstruct_n(0, index.nlist))
         build_s = time.perf_counter() - t0
-        row = {"kind": kind, "build_s": build_s, "memory": index_memory(index),
-               "shared_cells": kind == "ivf" and cells is not None,
+        row = {"kind": kind, "build_s": build_s, "memory": index_memory(index), "shared_cells": shared,
                "nlist": int(index.nlist) if isinstance(index, faiss.IndexIVF) else None, "settings": []}
         log(f"large: {kind} built in {build_s:.0f} s, {row['memory'] / 2**20:.0f} MiB")
         for value in (efs if kind == "hnsw" else probes):
@@ -687,14 +738,29 @@ def render_batched(res: dict) -> list[str]:
         return []
     lines = [f"### 2. Batched queries: Q queries per call over {b['n']:,} x {b['dim']} (k={res['args']['k']})", "",
              "Median ms per call (per query in brackets). Random unit vectors (search cost depends only on N, D, k). "
-             "\"Same results\": the engine's indices equal faiss flat's for the same queries, row for row. Other "
-             f"processes' CPU use during this part: {b['others_cores']:.2f} cores.", "",
-             "| Q | calls | faiss flat, default threads (before) | faiss flat, 1 thread | engine: torch matrix product "
-             "(now) | speed-up vs before | same results |", "|---:|---:|---:|---:|---:|---:|---|"]
+             "Codes: 8-bit codes of the embeddings scanned on one thread, the best "
+             f"{PREFILTER_DEPTH} re-scored exactly (`_search_prefiltered`, timed alone); matrix product: one torch "
+             "product for the whole call (`exact_search`); `store.search` takes the codes below "
+             f"{PREFILTER_MAX_QUERIES} queries per call, the product from there. \"Same results\": the store's "
+             "indices equal faiss flat's for the same queries, row for row. Other processes' CPU use during this "
+             f"part: {b['others_cores']:.2f} cores.", "",
+             "| Q | calls | faiss flat, default threads (before) | faiss flat, 1 thread | codes, 1 thread | torch matrix "
+             "product | **store.search (now)** | speed-up vs before | same results |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in b["rows"]:
-        cells = [f"{r[n]['median']:.2f} ({r[n]['median'] / r['q']:.3f})" for n in ("faiss", "faiss_1", "engine")]
+        cells = [f"{r[n]['median']:.2f} ({r[n]['median'] / r['q']:.3f})"
+                 for n in ("faiss", "faiss_1", "codes", "product", "engine")]
         lines.append(f"| {r['q']} | {r['repeats']} | {' | '.join(cells)} | "
                      f"{r['faiss']['median'] / r['engine']['median']:.1f}x | {'yes' if r['equal'] else '**no**'} |")
+    lines += ["", "One query over exact stores of other sizes (median / p95 ms): faiss's flat scan on one thread, the "
+              "codes on one thread, the torch matrix product on torch's threads, and `store.search`, which takes the "
+              f"one-thread flat scan below {EXACT_PARALLEL_MIN_WORK:,} multiply-adds per call "
+              "(`EXACT_PARALLEL_MIN_WORK`, engine/threads.py) and the codes above.", "",
+              "| N | D | multiply-adds | flat scan, 1 thread | codes, 1 thread | torch matrix product | store.search |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in b.get("sizes", []):
+        lines.append(f"| {r['n']:,} | {r['dim']} | {r['work']:,} | {fmt_ms(r['faiss_1'])} | {fmt_ms(r['codes'])} | "
+                     f"{fmt_ms(r['product'])} | {fmt_ms(r['store'])} |")
     return lines + [""]
 
 
@@ -720,10 +786,12 @@ def render_large(res: dict) -> list[str]:
                          f"{size:,}" for name, s in g["structure"].items()) + ".", "",
              f"| index | cells | build (s) | index memory (MiB) | nprobe / efSearch | 1 query p50 / p95 (ms) | "
              f"recall@{k} text | recall@{k} audio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    what = {"ivf_sq4": "ivf_sq4: IVF, 4-bit codes, 50 re-scored exactly (now)",
-            "ivf": "ivf: IVF, full vectors", "hnsw": "HNSW32 flat (faiss, efConstruction 40)"}
+    depth = DatastoreConfig().rerank_depth
+    what = {"ivf_sq8": f"**ivf_sq8: IVF, 8-bit codes, {depth} re-scored exactly (default)**",
+            "ivf_sq4": f"ivf_sq4: IVF, 4-bit codes, {depth} re-scored exactly",
+            "ivf": "ivf: IVF, full vectors (the index before)", "hnsw": "HNSW32 flat (faiss, efConstruction 40)"}
     for row in g["indexes"]:
-        build = f"{row['build_s']:.0f}" + (" (add only: ivf_sq4's cells)" if row["shared_cells"] else "")
+        build = f"{row['build_s']:.0f}" + (" (the cells above; codes + add)" if row["shared_cells"] else "")
         for setting in row["settings"]:
             r = setting["recall"]
             lines.append(f"| {what[row['kind']]} | {row['nlist'] or '-'} | {build} | {row['memory'] / 2**20:,.0f} | "
@@ -801,7 +869,10 @@ def render_models(res: dict) -> list[str]:
                  "one matrix product serves the whole batch. Shown for comparison.")
     lines.append("")
     for row in res["search_rows"]:
-        lines.append(f"- {row['label']}: queries are {row['queries_what']}.")
+        others = "; ".join(f"{kind} {r:.3f}" for kind, r in row.get("other_recalls", {}).items())
+        lines.append(f"- {row['label']}: queries are {row['queries_what']}."
+                     + (f" Recall@{a['k']} of the other approximate indexes on the same vectors and queries (nprobe "
+                        f"{row['nprobe']}): {others}." if others else ""))
     lines.append("")
 
     lines += [f"### 5. End-to-end query: one {CLIP_S:.0f}-s clip (`embed_audio` + `CaptionDatastore.search`, "
@@ -831,11 +902,16 @@ def notes_for(res: dict) -> list[str]:
             "Thread settings (table 1): one exact query went from "
             f"{before['search_idle']:.1f} ms idle / {before['search_after_forward']:.1f} ms right after a forward "
             f"(faiss flat, its default threads) to {now['search_idle']:.1f} / {now['search_after_forward']:.1f} ms "
-            "(the engine's torch matrix product, which runs on the pool the forward just used; no second OpenMP pool "
-            "wakes up). The engine applies, in engine/threads.py: exact search through torch; faiss searches "
-            f"(approximate indexes, near-tie rows) with 1 OpenMP thread below {FAISS_PARALLEL_MIN_QUERIES} queries "
-            "per call, all cores above; the count set around each search in the searching thread, because libgomp "
-            "keeps it per thread (a setting made at start never reaches a server's worker threads; tested).")
+            "(the engine now: 8-bit codes scanned on one thread, the best candidates re-scored exactly). On a "
+            "2-core machine shared with other work, any 2-thread parallel region waits for a free core (see the "
+            "torch product on the smallest stores in table 2), so small and single-query work stays on one thread; "
+            "many queries share one torch matrix product, on the pool the forward just used. The settings, in "
+            f"engine/threads.py and engine/datastore.py: the flat scan on one thread below "
+            f"{EXACT_PARALLEL_MIN_WORK:,} multiply-adds per call; the codes below {PREFILTER_MAX_QUERIES} queries; "
+            "the torch product above; other faiss searches (approximate indexes, near-tie rows) with 1 OpenMP "
+            f"thread below {FAISS_PARALLEL_MIN_QUERIES} queries per call, all cores above. faiss's count is set "
+            "around each search in the searching thread, because libgomp keeps it per thread (a setting made at "
+            "start never reaches a server's worker threads; tested).")
         notes.append(
             "`OMP_WAIT_POLICY=PASSIVE` / `GOMP_SPINCOUNT` (threads sleep instead of spinning) are measured but not "
             "applied: they must be set before torch is imported and change every torch operation in the process "
@@ -845,13 +921,16 @@ def notes_for(res: dict) -> list[str]:
     b = res.get("batch")
     if b:
         notes.append(
-            "Batched queries (table 2): the engine scores all Q queries of a call with one matrix product (chunks of "
-            f"at most {EXACT_CHUNK_SCORES:,} scores) and takes the top k with torch.topk; faiss's flat index, below "
-            f"its BLAS threshold ({res['machine']['blas_threshold']:,} queries in this build), scans the whole "
-            "matrix once per query. Results: indices equal faiss's row for row (tested for Q = 0..300, k > N, "
-            "duplicate vectors); scores agree within 1e-6 (float32 sums in another order). Rows with two of their "
-            f"top k+1 scores within {TIE_TOLERANCE:g} of each other, whose order only faiss's own sums can decide, "
-            "are re-searched with faiss.")
+            "Exact results (table 2): every path returns faiss flat's indices, row for row (tested for Q = 0..300, "
+            "k > N, duplicate vectors, crowded vectors); scores agree within 1e-6 (float32 sums in another order). "
+            f"The codes' bound: a row outside the {PREFILTER_DEPTH} candidates scores at most the last candidate's "
+            "code score + |q| x (the largest distance between a row and its decoded code); a query whose (k+1)-th "
+            "exact score does not beat that goes to the matrix product. Rows with two of their top k+1 scores within "
+            f"{TIE_TOLERANCE:g} of each other, whose order only faiss's own sums can decide, are re-searched with "
+            "faiss. The codes (a quarter of the float32 matrix) are built on the first exact search. faiss's flat "
+            f"index, below its BLAS threshold ({res['machine']['blas_threshold']:,} queries in this build), scans the "
+            "whole matrix once per query; the matrix product reads it once per call (chunks of at most "
+            f"{EXACT_CHUNK_SCORES:,} scores).")
     g = res.get("large")
     if g:
         ties = [f"{name} {s['near_ties'][0]:.1%}" for name, s in g["structure"].items()]
@@ -945,9 +1024,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "large CLAP-like store)")
     p.add_argument("--thread-repeats", type=int, default=40, help="timed rounds per thread setting")
     p.add_argument("--large-size", type=int, default=1_000_000, help="vectors in the large CLAP-like store")
-    p.add_argument("--large-indexes", default="ivf_sq4,ivf",
-                   help="indexes built over the large store: ivf_sq4, ivf (full vectors, in ivf_sq4's cells when "
-                   "both run), hnsw (faiss HNSW32, efConstruction 40)")
+    p.add_argument("--large-indexes", default="ivf_sq8,ivf_sq4,ivf",
+                   help="indexes built over the large store: ivf_sq8, ivf_sq4, ivf (the first IVF one trains the "
+                   "cells, the others reuse them), hnsw (faiss HNSW32, efConstruction 40)")
     p.add_argument("--large-nprobe", default="32,64,128", help="IVF cells visited per query, each measured")
     p.add_argument("--large-ef", default="64,128,256", help="HNSW efSearch values, each measured")
     p.add_argument("--large-text-queries", type=int, default=500, help="held-out caption queries (recall, latency)")
@@ -965,8 +1044,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if set(args.part_list) - set(PARTS) or not args.part_list:
         p.error(f"--parts takes a subset of {','.join(PARTS)}, got {args.parts!r}")
     args.large_kinds = [x.strip() for x in args.large_indexes.split(",") if x.strip()]
-    if set(args.large_kinds) - {"ivf_sq4", "ivf", "hnsw"}:
-        p.error(f"--large-indexes takes ivf_sq4, ivf and/or hnsw, got {args.large_indexes!r}")
+    if set(args.large_kinds) - {*APPROXIMATE_INDEXES, "hnsw"}:
+        p.error(f"--large-indexes takes {', '.join(APPROXIMATE_INDEXES)} and/or hnsw, got {args.large_indexes!r}")
     try:
         args.probes = [int(x) for x in args.large_nprobe.split(",")]
         args.efs = [int(x) for x in args.large_ef.split(",")]
@@ -1040,6 +1119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ivf, ivf_build = ivf_twin(search_store)
             row = measure_search(search_store, ivf, pool, args.queries, args.k)
             row.update(label=label, queries_what=what, ivf_build_s=ivf_build, flat_build_s=flat_build)
+            row["other_recalls"] = other_recalls(search_store, pool, args.k)
             res["search_rows"].append(row)
             log(f"{name}: faiss flat 1q {row['faiss_flat']['single']['median']:.3f} ms, exact 1q "
                 f"{row['exact']['single']['median']:.3f} ms, {row['approx_kind']} 1q "

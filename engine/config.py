@@ -65,12 +65,12 @@ class DatastoreConfig:
     csv_column: str = "caption"
     jsonl_field: str = "target"
     exact_max_size: int = 200_000  # above this many captions an approximate index is used (below: exact search)
-    # the approximate index: "ivf_sq4" (IVF cells of 4-bit codes; candidates re-scored exactly) or "ivf" (IVF cells
-    # of full vectors: a second copy of the embeddings); chosen by measurement (benchmarks/RESULTS.md)
-    approximate_index: str = "ivf_sq4"
-    ivf_nlist: int = 0  # IVF cells; 0 picks 2*sqrt(N) for ivf_sq4, 4*sqrt(N) for ivf
+    # the approximate index: "ivf_sq8" / "ivf_sq4" (IVF cells of 8- / 4-bit codes; candidates re-scored exactly) or
+    # "ivf" (IVF cells of full vectors: a second copy of the embeddings); chosen by measurement (benchmarks/RESULTS.md)
+    approximate_index: str = "ivf_sq8"
+    ivf_nlist: int = 0  # IVF cells; 0 picks 2*sqrt(N) for ivf_sq8/ivf_sq4, 4*sqrt(N) for ivf
     ivf_nprobe: int = 64  # IVF cells visited per query: higher is slower and closer to exact (RESULTS.md)
-    rerank_depth: int = 50  # ivf_sq4: candidates per query re-scored exactly (at least k)
+    rerank_depth: int = 50  # ivf_sq8/ivf_sq4: candidates per query re-scored exactly (at least k)
     chunk_size: int = 2048  # captions embedded per chunk while building
     top_k: int = 5  # captions shown per query
     max_caption_file_mb: float = 512.0  # larger caption files are refused before reading (AudioCaps is 5 MB)

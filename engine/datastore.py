@@ -15,8 +15,9 @@ saving still loads as before. Format-1 stores (files beside the manifest) load a
 
 Search (measured in benchmarks/RESULTS.md, "Caption datastore"): up to ``exact_max_size`` captions exactly, as one
 torch matrix product per call (:func:`exact_search`; results equal the flat faiss index's); above it through the
-manifest's ``index_type``: ``ivf_sq4`` (IVF cells of 4-bit codes, candidates re-scored exactly, :func:`rerank`) or
-``ivf`` (IVF cells of full vectors, the index of stores built before ivf_sq4). Thread settings: engine/threads.py.
+manifest's ``index_type``: ``ivf_sq8`` / ``ivf_sq4`` (IVF cells of 8- or 4-bit codes, candidates re-scored exactly,
+:func:`rerank`) or ``ivf`` (IVF cells of full vectors, the index of stores built before). Thread settings:
+engine/threads.py.
 
 Loading against a different CLAP is refused: cosine scores between two models' embeddings mean nothing.
 """
@@ -42,7 +43,7 @@ from engine.atomic import MANIFEST, clean_leftovers, commit_version, data_folder
 from engine.clap.base import ClapBackend
 from engine.config import DatastoreConfig
 from engine.errors import DatastoreError
-from engine.threads import faiss_threads, faiss_threads_for
+from engine.threads import EXACT_PARALLEL_MIN_WORK, faiss_threads, faiss_threads_for
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,17 @@ FORMAT_VERSION = 2  # 2: files in a version folder named by the manifest; 1: fil
 READABLE_FORMATS = (1, 2)
 CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE = "captions.csv", "embeddings.npy", "index.faiss"
 DATA_FILES = (CAPTIONS_FILE, EMBEDDINGS_FILE, INDEX_FILE)
-APPROXIMATE_INDEXES = ("ivf_sq4", "ivf")  # index_type above exact_max_size (manifest; "flat" below)
+APPROXIMATE_INDEXES = ("ivf_sq8", "ivf_sq4", "ivf")  # index_type above exact_max_size (manifest; "flat" below)
+CODE_BITS = {"ivf_sq8": 8, "ivf_sq4": 4}  # the coded indexes: bits per dimension
 # Exact search: score gaps below this (times the query's norm) count as near-ties. The matrix product and faiss sum
 # in different orders (they differ by ~1e-7 for unit vectors of 512 dims), so only faiss itself can order such rows
 # as faiss would; they are rare and re-searched with faiss.
 TIE_TOLERANCE = 1e-5
 EXACT_CHUNK_SCORES = 1 << 24  # exact search holds at most this many float32 scores at once ([chunk, N], 64 MB)
+# Exact search of fewer queries than this per call reads 8-bit codes on one thread and re-scores the best
+# PREFILTER_DEPTH exactly (CaptionDatastore._search_prefiltered); more queries share one matrix product.
+PREFILTER_MAX_QUERIES = 8
+PREFILTER_DEPTH = 64
 ProgressCallback = Callable[[int, int], None]  # (captions embedded so far, total)
 
 
@@ -211,6 +217,7 @@ class CaptionDatastore:
         self.manifest = manifest
         self._positions = {c: i for i, c in enumerate(captions)}
         self.index = index if index is not None else self._build_index(embeddings)
+        self._code_cache: tuple[np.ndarray, faiss.IndexScalarQuantizer, float] | None = None  # see _codes
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -291,8 +298,8 @@ class CaptionDatastore:
         started = time.perf_counter()
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
-        elif kind == "ivf_sq4":
-            index = _train_ivf_sq4(embeddings, self.config.ivf_nlist)
+        elif kind in CODE_BITS:
+            index = _train_ivf_sq(embeddings, CODE_BITS[kind], self.config.ivf_nlist)
         elif kind == "ivf":
             index = _train_ivf_flat(embeddings, self.config.ivf_nlist)
         else:
@@ -322,7 +329,7 @@ class CaptionDatastore:
             raise DatastoreError(f"k must be at least 1, got {k}")
         if self.manifest.index_type == "flat":
             scores, indices = self._search_exact(matrix, k)
-        elif self.manifest.index_type == "ivf_sq4":
+        elif self.manifest.index_type in CODE_BITS:
             scores, indices = self._search_reranked(matrix, k)
         else:
             scores, indices = self._search_index(matrix, k)
@@ -330,9 +337,20 @@ class CaptionDatastore:
         return SearchResult(captions=captions, scores=scores, indices=indices)
 
     def _search_exact(self, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """[Q, D] -> scores, indices [Q, k] equal to the flat faiss index's: one matrix product for all queries (on
-        torch's threads), faiss only for the rows with near-ties (whose order only faiss's own sums can decide)."""
-        scores, indices, near_ties = exact_search(self.embeddings, matrix, k)
+        """[Q, D] -> scores, indices [Q, k] equal to the flat faiss index's. Small searches (engine/threads.py:
+        EXACT_PARALLEL_MIN_WORK) are faiss's flat scan on one thread; a few queries go through 8-bit codes on one
+        thread (:meth:`_search_prefiltered`); more share one torch matrix product (:func:`exact_search`). Rows with
+        near-ties (whose order only faiss's own sums can decide) are re-searched with faiss."""
+        if len(matrix) * len(self) * self.embedding_dim < EXACT_PARALLEL_MIN_WORK:
+            with faiss_threads(1):
+                return self.index.search(matrix, k)
+        if len(matrix) < PREFILTER_MAX_QUERIES:
+            scores, indices, near_ties, unproven = self._search_prefiltered(matrix, k)
+            if unproven.any():  # the codes could not prove these rows' top k: the matrix product decides
+                rows = np.flatnonzero(unproven)
+                scores[rows], indices[rows], near_ties[rows] = exact_search(self.embeddings, matrix[rows], k)
+        else:
+            scores, indices, near_ties = exact_search(self.embeddings, matrix, k)
         if near_ties.any():
             rows = np.flatnonzero(near_ties)
             if len(rows) == 1 and len(matrix) > 1:
@@ -344,6 +362,50 @@ class CaptionDatastore:
             keep = near_ties[rows]
             scores[rows[keep]], indices[rows[keep]] = found_scores[keep], found_indices[keep]
         return scores, indices
+
+    def _search_prefiltered(self, matrix: np.ndarray, k: int
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Exact top k of a few queries from one thread: 8-bit codes of the embeddings (a quarter of the bytes to
+        read) pick PREFILTER_DEPTH candidates, which are scored exactly. A row outside the candidates scores at most
+        the last candidate's code score + |q| * (largest code error): when the (k+1)-th exact score beats that bound,
+        the top k+1 are proven to be among the candidates. Returns scores, indices [Q, k], near_ties [Q] (as
+        :func:`exact_search`) and unproven [Q] (rows the bound could not settle)."""
+        codes, max_error = self._codes()
+        n = len(self)
+        depth = min(n, max(PREFILTER_DEPTH, k + 1))
+        with faiss_threads(1):
+            approx, candidates = codes.search(matrix, depth)  # [Q, depth] code scores, best first
+        exact = np.einsum("qd,qcd->qc", matrix, self.embeddings[candidates])  # [Q, depth]
+        order = np.lexsort((candidates, -exact), axis=-1)
+        exact, candidates = np.take_along_axis(exact, order, 1), np.take_along_axis(candidates, order, 1)
+        count = min(k + 1, n)
+        norms = np.linalg.norm(matrix, axis=1)
+        if depth == n:  # every row is a candidate
+            unproven = np.zeros(len(matrix), dtype=bool)
+        else:  # 1e-4 * |q| covers float rounding in both scores
+            unproven = exact[:, count - 1] <= approx[:, -1] + norms * (max_error + 1e-4)
+        gaps = exact[:, :count - 1] - exact[:, 1:count]
+        near_ties = (gaps < TIE_TOLERANCE * norms[:, None]).any(axis=1)
+        return exact[:, :k].astype(np.float32), candidates[:, :k], near_ties, unproven
+
+    def _codes(self) -> tuple[faiss.IndexScalarQuantizer, float]:
+        """8-bit codes of the embeddings (one byte per dimension, each dimension's range trained on all rows) and
+        the largest distance between a row and its decoded code. Built on first use and again when the embeddings
+        are replaced (they are never changed in place)."""
+        cached = self._code_cache
+        if cached is None or cached[0] is not self.embeddings:
+            embeddings = self.embeddings
+            codes = faiss.IndexScalarQuantizer(self.embedding_dim, faiss.ScalarQuantizer.QT_8bit,
+                                               faiss.METRIC_INNER_PRODUCT)
+            codes.train(embeddings)
+            codes.add(embeddings)
+            max_error = 0.0
+            for start in range(0, len(embeddings), 65536):  # decoded in blocks: no second full float copy
+                block = embeddings[start:start + 65536]
+                decoded = codes.reconstruct_n(start, len(block))
+                max_error = max(max_error, float(np.linalg.norm(block - decoded, axis=1).max()))
+            cached = self._code_cache = (embeddings, codes, max_error)
+        return cached[1], cached[2]
 
     def _search_index(self, matrix: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The faiss index's own search (approximate indexes pad short result lists with -1)."""
@@ -456,21 +518,22 @@ def _train_ivf_flat(embeddings: np.ndarray, nlist: int = 0) -> faiss.IndexIVFFla
     return index
 
 
-def _train_ivf_sq4(embeddings: np.ndarray, nlist: int = 0) -> faiss.IndexIVFScalarQuantizer:
-    """IVF cells of 4-bit scalar-quantised vectors (half a byte per dimension: 256 bytes for 512-d, an eighth of the
-    float32 row), 2*sqrt(N) cells (at least 39 points each) trained by 10 k-means iterations on 64 points per cell.
+def _train_ivf_sq(embeddings: np.ndarray, bits: int, nlist: int = 0) -> faiss.IndexIVFScalarQuantizer:
+    """IVF cells of scalar-quantised vectors, ``bits`` (8 or 4) per dimension (a quarter or an eighth of the float32
+    row), in 2*sqrt(N) cells (at least 39 points each) trained by 10 k-means iterations on 64 points per cell.
 
     The codes only choose candidates; :meth:`CaptionDatastore._search_reranked` scores them exactly against the
     embeddings the store holds anyway (DRCap's support), so results carry exact cosines and the index keeps no
-    second float copy of the vectors. Measured against 8-bit codes, IVF-Flat, PQ fast-scan and HNSW on 1M CLAP-like
-    vectors in benchmarks/RESULTS.md: with 50 re-ranked candidates 4-bit codes lose no recall to 8-bit ones or full
-    vectors and scan twice as fast; building takes minutes on 2 cores, where the ivf index's 4*sqrt(N) cells on 256
-    points each take most of an hour.
+    second float copy of the vectors. Chosen against IVF-Flat, PQ fast-scan and HNSW on 1M CLAP-like vectors
+    (benchmarks/RESULTS.md): with 50 re-scored candidates 8-bit codes lose no recall to full vectors, also where
+    neighbours crowd (4-bit codes scan twice as fast but lose recall there: the tiny CLAP's embeddings); building
+    takes minutes on 2 cores, where the ivf index's 4*sqrt(N) cells on 256 points each take most of an hour.
     """
     n, dim = embeddings.shape
     nlist = nlist or max(1, min(int(2 * math.sqrt(n)), n // 39))
-    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_4bit,
-                                          faiss.METRIC_INNER_PRODUCT, False)  # codes of the vectors, not residuals
+    codes = {8: faiss.ScalarQuantizer.QT_8bit, 4: faiss.ScalarQuantizer.QT_4bit}[bits]
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, codes, faiss.METRIC_INNER_PRODUCT,
+                                          False)  # codes of the vectors themselves, not of residuals
     index.cp.seed = 1234
     index.cp.niter = 10
     index.train(_even_sample(embeddings, max(64 * nlist, 4096)))  # also each dimension's range, for the codes

@@ -6,7 +6,11 @@ search right after a torch forward shares the cores with torch's spinning thread
 slows the next torch forward. The settings below, chosen by ``python -m benchmarks.bench_datastore --threads``
 (table and numbers in benchmarks/RESULTS.md, "Caption datastore"), avoid the second pool where it buys nothing:
 
-* Exact (flat) search is a torch matrix product (:func:`engine.datastore.exact_search`): it runs on torch's pool,
+* Exact (flat) search of a few queries runs on one thread: 8-bit codes of the embeddings are scanned and the best
+  candidates re-scored exactly (``CaptionDatastore._search_prefiltered``; a quarter of the bytes of the float32
+  scan). On a 2-core machine shared with other work a 2-thread region waits for a free core, which costs more than
+  such a search. Small searches (below :data:`EXACT_PARALLEL_MIN_WORK` multiply-adds) are faiss's flat scan on one
+  thread. Many queries share one torch matrix product (:func:`engine.datastore.exact_search`), on torch's pool,
   the one that just ran the forward, so no other pool wakes up.
 * faiss searches (approximate indexes, and the rare exact-tie fallback) run with one OpenMP thread for batches below
   :data:`FAISS_PARALLEL_MIN_QUERIES`: faiss parallelises over queries, so a small batch gains nothing from a team,
@@ -26,6 +30,10 @@ from contextlib import contextmanager
 import faiss
 
 FAISS_PARALLEL_MIN_QUERIES = 64  # from this many queries per call, faiss searches with every core
+# Exact search below this many multiply-adds per call (queries x rows x dims) runs on one thread (faiss's flat scan):
+# a parallel region costs a wake-up of the other threads, and on a busy machine a wait for a free core (~8 ms seen),
+# far more than small work takes alone (~0.2 ns per multiply-add). Above it, torch's matrix product on its own pool.
+EXACT_PARALLEL_MIN_WORK = 8_000_000
 
 
 def usable_cores() -> int:

@@ -97,7 +97,7 @@ def test_a_caption_finds_itself_first(store, tiny_clap):
     assert result.captions[0][0] == probe and result.scores[0][0] == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["ivf_sq4", "ivf"])
+@pytest.mark.parametrize("kind", ["ivf_sq8", "ivf_sq4", "ivf"])
 def test_approximate_index_above_the_threshold(tiny_clap, captions, kind):
     config = DatastoreConfig(exact_max_size=1000, ivf_nprobe=8, approximate_index=kind)
     approx = CaptionDatastore.build(captions, tiny_clap, config, show_progress=False)
@@ -146,7 +146,7 @@ def test_growing_past_the_exact_size_switches_to_the_approximate_index(tiny_clap
     grown = CaptionDatastore.build(captions[:900], tiny_clap, DatastoreConfig(exact_max_size=1000), show_progress=False)
     assert grown.manifest.index_type == "flat"
     grown.add(captions[900:1500], tiny_clap)
-    assert grown.manifest.index_type == "ivf_sq4" and grown.index.ntotal == len(grown) == 1500
+    assert grown.manifest.index_type == "ivf_sq8" and grown.index.ntotal == len(grown) == 1500
     assert grown.manifest.index_params["nlist"] == grown.index.nlist
     grown.add(["A kazoo solo over a theremin"], tiny_clap)  # an approximate index grows in place
     assert grown.index.ntotal == 1501
@@ -194,7 +194,7 @@ def test_compact_save_halves_the_embeddings_and_rebuilds_the_exact_index(store, 
     assert reloaded.caption_sources == ["caps.txt"] * 50 and reloaded.captions == named.captions
 
 
-@pytest.mark.parametrize("kind", ["ivf_sq4", "ivf"])
+@pytest.mark.parametrize("kind", ["ivf_sq8", "ivf_sq4", "ivf"])
 def test_ivf_round_trip(tiny_clap, captions, tmp_path, kind):
     config = DatastoreConfig(exact_max_size=1000, approximate_index=kind)
     approx = CaptionDatastore.build(captions, tiny_clap, config, show_progress=False)

@@ -53,9 +53,19 @@ def vectors() -> np.ndarray:
 # --- exact search ----------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["matrix product", "codes", "by size"])
+def exact_path(request, monkeypatch) -> str:
+    """Exact search always through the torch matrix product, always through 8-bit codes + exact re-scoring, or as
+    the engine picks by size and query count (small searches are faiss's one-thread scan)."""
+    if request.param != "by size":
+        monkeypatch.setattr("engine.datastore.EXACT_PARALLEL_MIN_WORK", 0)
+        monkeypatch.setattr("engine.datastore.PREFILTER_MAX_QUERIES", 10**9 if request.param == "codes" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("count", [1, 2, 8, 64, 300])
 @pytest.mark.parametrize("k", [1, 5, 100])
-def test_exact_search_equals_faiss_flat(vectors, count, k):
+def test_exact_search_equals_faiss_flat(vectors, count, k, exact_path):
     store = make_store(vectors)
     assert store.manifest.index_type == "flat"
     rng = np.random.default_rng(count * 1000 + k)
@@ -64,7 +74,7 @@ def test_exact_search_equals_faiss_flat(vectors, count, k):
     assert_same_as_faiss(store, queries, k)
 
 
-def test_exact_ties_are_ordered_as_faiss_orders_them():
+def test_exact_ties_are_ordered_as_faiss_orders_them(exact_path):
     """Many copies of one vector and near-copies of it: every order among equal scores is faiss's own."""
     rng = np.random.default_rng(1)
     data = unit(rng.standard_normal((2000, 32)))
@@ -78,7 +88,7 @@ def test_exact_ties_are_ordered_as_faiss_orders_them():
     assert near_ties.tolist() == [True, False]
 
 
-def test_k_above_the_store_size_and_no_queries(vectors):
+def test_k_above_the_store_size_and_no_queries(vectors, exact_path):
     small = make_store(vectors[:7].copy())
     queries = vectors[100:103]
     found = small.search(queries, 50)
@@ -97,7 +107,7 @@ def test_exact_search_in_small_chunks_gives_the_same_result(vectors):
     np.testing.assert_allclose(whole[0], chunked[0], rtol=0, atol=1e-6)  # BLAS sums a batch in its own order
 
 
-def test_torch_queries_and_added_rows_are_searched_exactly(vectors):
+def test_torch_queries_and_added_rows_are_searched_exactly(vectors, exact_path):
     import torch
 
     store = make_store(vectors[:3000].copy())
@@ -145,11 +155,12 @@ def clap_like() -> tuple[np.ndarray, np.ndarray]:
     return vectors, lift(real[40_000:40_300], basis)
 
 
-def test_the_approximate_index_finds_the_exact_top_5(clap_like):
+@pytest.mark.parametrize("kind, code_bytes", [("ivf_sq8", 256), ("ivf_sq4", 128)])
+def test_the_approximate_index_finds_the_exact_top_5(clap_like, kind, code_bytes):
     vectors, queries = clap_like
-    store = make_store(vectors, DatastoreConfig(exact_max_size=1000))  # forces the approximate index
-    assert store.manifest.index_type == "ivf_sq4"
-    assert store.manifest.index_params == {"nlist": int(2 * 30_000 ** 0.5), "code_bytes": 128,
+    store = make_store(vectors, DatastoreConfig(exact_max_size=1000, approximate_index=kind))  # forces it
+    assert store.manifest.index_type == kind
+    assert store.manifest.index_params == {"nlist": int(2 * 30_000 ** 0.5), "code_bytes": code_bytes,
                                            "build_s": store.manifest.index_params["build_s"]}
     assert isinstance(store.index, faiss.IndexIVFScalarQuantizer) and store.index.nprobe == DatastoreConfig().ivf_nprobe
     _, truth = faiss_flat(vectors, queries, 5)
@@ -168,19 +179,19 @@ def test_an_approximate_store_round_trips(clap_like, tmp_path):
     store = make_store(vectors[:8000].copy(), config)
     store.save(tmp_path / "ds")
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert manifest["index_type"] == "ivf_sq4" and manifest["index_params"]["nlist"] == store.index.nlist
+    assert manifest["index_type"] == "ivf_sq8" and manifest["index_params"]["nlist"] == store.index.nlist
     loaded = CaptionDatastore.load(tmp_path / "ds", config=DatastoreConfig(ivf_nprobe=16))
-    assert loaded.manifest.index_type == "ivf_sq4" and isinstance(loaded.index, faiss.IndexIVFScalarQuantizer)
+    assert loaded.manifest.index_type == "ivf_sq8" and isinstance(loaded.index, faiss.IndexIVFScalarQuantizer)
     assert loaded.index.nprobe == 16  # search settings come from the loading config
     loaded.index.nprobe = store.index.nprobe
     before, after = store.search(queries, 5), loaded.search(queries, 5)
     np.testing.assert_array_equal(after.indices, before.indices)
     np.testing.assert_array_equal(after.scores, before.scores)
-    assert (current_files(tmp_path / "ds") / "index.faiss").stat().st_size < 0.3 * vectors[:8000].nbytes
+    assert (current_files(tmp_path / "ds") / "index.faiss").stat().st_size < 0.3 * vectors[:8000].nbytes  # 8 of 32 bits
 
 
 def test_an_ivf_store_saved_before_loads_and_searches_as_before(clap_like, tmp_path):
-    """The files an IVF store got before ivf_sq4: an IndexIVFFlat and a manifest without index_params."""
+    """The files an IVF store got before the coded indexes: an IndexIVFFlat and a manifest without index_params."""
     vectors, queries = clap_like
     old = make_store(vectors[:8000].copy(), DatastoreConfig(exact_max_size=1000, approximate_index="ivf"))
     assert isinstance(old.index, faiss.IndexIVFFlat)
@@ -188,7 +199,7 @@ def test_an_ivf_store_saved_before_loads_and_searches_as_before(clap_like, tmp_p
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     del manifest["index_params"]
     (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
-    loaded = CaptionDatastore.load(tmp_path / "ds", config=DatastoreConfig())  # today's defaults: ivf_sq4 for new
+    loaded = CaptionDatastore.load(tmp_path / "ds", config=DatastoreConfig())  # today's defaults: ivf_sq8 for new
     assert loaded.manifest.index_type == "ivf" and isinstance(loaded.index, faiss.IndexIVFFlat)
     expected = old.index.search(queries, 5)  # what an IVF store's search returned: faiss's own result
     found = loaded.search(queries, 5)
@@ -199,5 +210,41 @@ def test_an_ivf_store_saved_before_loads_and_searches_as_before(clap_like, tmp_p
 def test_an_unknown_approximate_index_is_refused(vectors):
     from engine.errors import DatastoreError
 
-    with pytest.raises(DatastoreError, match="approximate_index must be one of ivf_sq4, ivf, got 'hnsw'"):
+    with pytest.raises(DatastoreError, match="approximate_index must be one of ivf_sq8, ivf_sq4, ivf, got 'hnsw'"):
         make_store(vectors[:2000].copy(), DatastoreConfig(exact_max_size=100, approximate_index="hnsw"))
+
+
+def test_exact_search_paths_by_size_and_query_count(vectors, monkeypatch):
+    """Small work: faiss's one-thread scan; a few queries: the codes; many: one matrix product."""
+    import engine.datastore as datastore
+
+    products, coded = [], []
+    product, prefiltered = datastore.exact_search, CaptionDatastore._search_prefiltered
+    monkeypatch.setattr(datastore, "exact_search", lambda *a, **kw: products.append(len(a[1])) or product(*a, **kw))
+    monkeypatch.setattr(CaptionDatastore, "_search_prefiltered",
+                        lambda self, m, k: coded.append(len(m)) or prefiltered(self, m, k))
+    store = make_store(vectors)  # 5,000 x 64: one query is 320,000 multiply-adds
+    store.search(vectors[:1], 5)
+    assert products == coded == []
+    monkeypatch.setattr(datastore, "EXACT_PARALLEL_MIN_WORK", 1000)
+    queries = unit(np.random.default_rng(7).standard_normal((datastore.PREFILTER_MAX_QUERIES, 64)))
+    store.search(queries[:3], 5)
+    assert coded == [3] and products == []  # random 64-d vectors: the codes settle every row
+    store.search(queries, 5)
+    assert coded == [3] and products == [len(queries)]
+
+
+def test_rows_the_codes_cannot_settle_go_to_the_matrix_product(monkeypatch):
+    """Rows crowded closer than the codes' error: the bound proves nothing, the matrix product decides, and the
+    result is still faiss's."""
+    import engine.datastore as datastore
+
+    monkeypatch.setattr(datastore, "EXACT_PARALLEL_MIN_WORK", 0)
+    rng = np.random.default_rng(8)
+    centre = unit(rng.standard_normal((1, 48)))
+    crowded = unit(centre + 1e-3 * rng.standard_normal((3000, 48)))  # every cosine above 0.999
+    store = make_store(crowded)
+    queries = unit(centre + 1e-3 * rng.standard_normal((4, 48)))
+    _, _, _, unproven = store._search_prefiltered(queries, 5)
+    assert unproven.all()
+    assert_same_as_faiss(store, queries, 5)
