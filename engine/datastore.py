@@ -13,9 +13,10 @@ that DRCap projects audio embeddings onto (its "support"). On disk it is a direc
 Every save writes a new version folder and then switches the manifest (engine/atomic.py), so a store killed while
 saving still loads as before. Format-1 stores (files beside the manifest) load as they are.
 
-Search (measured in benchmarks/RESULTS.md, "Caption datastore"): up to ``exact_max_size`` captions exactly, as one
-torch matrix product per call (:func:`exact_search`; results equal the flat faiss index's); above it through the
-manifest's ``index_type``: ``ivf_sq8`` / ``ivf_sq4`` (IVF cells of 8- or 4-bit codes, candidates re-scored exactly,
+Search (measured in benchmarks/RESULTS.md, "Caption datastore"): up to ``exact_max_size`` captions exactly, with
+results equal to the flat faiss index's: a few queries through 8-bit codes on one thread, their best candidates
+re-scored exactly; many through one torch matrix product (:func:`exact_search`). Above it through the manifest's
+``index_type``: ``ivf_sq8`` / ``ivf_sq4`` (IVF cells of 8- or 4-bit codes, candidates re-scored exactly,
 :func:`rerank`) or ``ivf`` (IVF cells of full vectors, the index of stores built before). Thread settings:
 engine/threads.py.
 
