@@ -83,8 +83,8 @@ class HFClapBackend(ClapBackend):
     def _input_features(self, windows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows -> (input_features [B, 1 or 4, frames, mels], is_longer [B, 1]) on the device.
 
-        The features are ``ClapFeatureExtractor``'s, computed in torch (engine.clap.features; equal within 1e-6 of
-        their range, several times faster). ``is_longer`` is all False: every window fits the model's window. (The
+        The features are ``ClapFeatureExtractor``'s, computed in torch on the device (engine.clap.features; equal
+        within 1e-6 of their range). ``is_longer`` is all False: every window fits the model's window. (The
         extractor in fusion mode, like LAION-CLAP's HTSAT, would mark a random window of the batch as longer, so an
         embedding would depend on chance and on its batch-mates; here it depends on the window alone.)
         """
