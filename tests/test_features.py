@@ -70,6 +70,9 @@ EXTRACTORS = {
     "16 kHz, n_fft 400": lambda: ClapFeatureExtractor(feature_size=80, sampling_rate=16_000, hop_length=160,
                                                        max_length_s=3, fft_window_size=400, frequency_max=8000,
                                                        truncation="rand_trunc"),
+    "odd n_fft 401": lambda: ClapFeatureExtractor(feature_size=40, sampling_rate=16_000, hop_length=160,
+                                                  max_length_s=2, fft_window_size=401, frequency_max=8000,
+                                                  truncation="rand_trunc"),
 }
 
 

@@ -95,7 +95,8 @@ class ClapFeatures(nn.Module):
 
     @property
     def num_frames(self) -> int:
-        return 1 + self.max_samples // self.hop_length
+        """Centred frames of a padded window: 1 + max_samples // hop for an even n_fft."""
+        return 1 + (self.max_samples + 2 * (self.n_fft // 2) - self.n_fft) // self.hop_length
 
     def check(self, windows: Sequence[np.ndarray | torch.Tensor]) -> None:
         """Typed errors for windows the model cannot see, before anything is computed."""
