@@ -85,7 +85,8 @@ def test_each_signal_matches_the_numpy_extractor(config):
     extractor = EXTRACTORS[config]()
     features = ClapFeatures.from_extractor(extractor)
     channels = 4 if extractor.truncation == "fusion" else 1
-    frames = 1 + extractor.nb_max_samples // extractor.hop_length
+    n_fft, size = extractor.fft_window_size, extractor.nb_max_samples
+    frames = 1 + (size + 2 * (n_fft // 2) - n_fft) // extractor.hop_length  # centred frames
     for name, window in signals(extractor.sampling_rate, extractor.max_length_s).items():
         ours = features([window])
         assert ours.dtype == torch.float32
