@@ -20,8 +20,8 @@ the frame's loudest bin, which lifts bins that float64 puts at the -100 dB floor
 chirp (measured: max error / max |value| 2.4e-3 for float32, 8e-8 for float64). The spectrum is then rounded to
 complex64, as the extractor stores it, and the mel product and the log run in float32 (relative error ~1e-6).
 
-CPU: rows are computed one at a time, in blocks of frames small enough to stay in the caches, in buffers the module
-keeps between calls (about 6 MB). Fresh multi-megabyte buffers are fresh pages from the kernel on most calls (glibc
+CPU: rows are computed one at a time (a whole window per FFT call unless ``cpu_block_frames`` says otherwise), in
+buffers the module keeps between calls (about 21 MB for a 10-s window at 48 kHz). Fresh multi-megabyte buffers are fresh pages from the kernel on most calls (glibc
 returns them between calls), and those page faults cost about as much as the FFT on a small virtual machine. One
 lock guards the buffers, so concurrent callers take turns for the few milliseconds the features take. On a GPU the
 whole batch is one FFT call and the caching allocator reuses memory.
