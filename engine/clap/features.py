@@ -142,6 +142,7 @@ class ClapFeatures(nn.Module):
         float32 = (np.float32, torch.float32)
         return torch.float32 if all(window.dtype in float32 for window in windows) else torch.float64
 
+    @torch.inference_mode()  # the kept buffers are inference tensors: every call must update them in this mode
     def forward(self, windows: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """Windows (mono, at most ``max_samples`` each) -> [B, 1 or 4, frames, mels] float32 log-mel in dB."""
         self.check(windows)
