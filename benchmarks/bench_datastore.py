@@ -791,7 +791,8 @@ def render_large(res: dict) -> list[str]:
             "ivf_sq4": f"ivf_sq4: IVF, 4-bit codes, {depth} re-scored exactly",
             "ivf": "ivf: IVF, full vectors (the index before)", "hnsw": "HNSW32 flat (faiss, efConstruction 40)"}
     for row in g["indexes"]:
-        build = f"{row['build_s']:.0f}" + (" (the cells above; codes + add)" if row["shared_cells"] else "")
+        reuse = " (the cells above: added)" if row["kind"] == "ivf" else " (the cells above: codes trained, added)"
+        build = f"{row['build_s']:.0f}" + (reuse if row["shared_cells"] else "")
         for setting in row["settings"]:
             r = setting["recall"]
             lines.append(f"| {what[row['kind']]} | {row['nlist'] or '-'} | {build} | {row['memory'] / 2**20:,.0f} | "
@@ -837,7 +838,7 @@ def render_models(res: dict) -> list[str]:
     lines.append("")
 
     labels = {"faiss_flat": "faiss flat index (the store's search before)",
-              "exact": "store.search, exact: torch matrix product (now)",
+              "exact": "store.search, exact (now: codes for 1 query, one product for 16)",
               "approx": "store.search, approximate"}
     lines += [f"### 4. Search latency at the captions' size (k={a['k']})", "",
               f"Median / p95 in ms over {a['queries']} repeats after warm-up; the batch column searches {BATCH} "
