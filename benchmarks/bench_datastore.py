@@ -1007,7 +1007,7 @@ def default_captions() -> Path:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_datastore", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_datastore", description=__doc__.split("\n\n")[0])
     p.add_argument("--captions", type=Path, default=None,
                    help=f"caption file (default {SHARED_TRAIN_CSV} if it exists, else {BUNDLED_TRAIN_TXT})")
     p.add_argument("--models", default="tiny,full", help="comma-separated subset of tiny,full")

@@ -334,7 +334,7 @@ def render(res: dict, rows: list[Row], blocks: list[Row]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_features", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_features", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=15, help="timed rounds (each method once per round)")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "RESULTS.md",
                    help="markdown file to write this script's section into ('-' = do not write)")

@@ -1,36 +1,37 @@
-"""Benchmark audio-free prompt tuning on CPU: text selection, caption features, tuning and tuned classification.
+"""Benchmark audio-free prompt tuning on the CPU: how long a run takes per preset, what bf16 autocast and the
+one-pass class encoding buy, how good the run-time estimate is, and what the ``quick`` preset costs in accuracy.
 
-    python -m benchmarks.bench_prompt_tuning [--models tiny,full] [--classes 10,50] [--full-steps N]
-                                             [--full-texts N] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.bench_prompt_tuning [--parts steps,runs,accuracy] [--classes 10,50] [--seeds 0,1,2]
+                                             [--timed-steps 3] [--repeats 5] [--out benchmarks/RESULTS.md]
 
-Everything runs with the default :class:`engine.config.PromptTuningConfig` (prompt_len 32, 10 epochs, batch 24,
-16..128 texts per class, single-label), on the CPU, the way ``AudioScribe.tune_prompts`` does it:
-``select_texts`` over the shipped AudioCaps captions -> ``training_texts`` -> ``tune`` -> ``PromptedClassifier``.
+Three parts, each on the engine's own code path (``select_texts`` -> ``training_texts`` -> ``tune``):
 
-The two models are the ones ``benchmarks/bench_datastore.py`` builds (its ``load_model`` is reused):
+1. ``steps``: one training step (class-prompt encoding forward and backward + the loss) on a LAION-sized text tower
+   (``ClapModel(ClapConfig())`` = laion/clap-htsat-unfused's shapes, random weights; ``bench_datastore``'s model) for
+   10 classes, per preset's prompt length, float32 vs bf16 autocast, one encoder pass for coarse and fine (now) vs
+   two (before). Interleaved rounds after a warm-up; medians of wall and CPU time.
+2. ``runs``: whole runs on the same model per preset and class count, training texts selected from the shipped
+   AudioCaps captions as the app does. ``quick`` at 10 classes is measured end to end (the target: <= 10 min on
+   2 cores), with the estimate the progress line gave after its first step; the others are stopped after
+   1 + ``--timed-steps`` steps and extrapolated (said so).
+3. ``accuracy``: the demo bundle's trained CLAP (``assets/demo``) on its held-out test clips: prompts tuned on the
+   first 10 of its classes with each preset (``--seeds``), top-1 on the clips of those classes and of the next 10
+   (unseen), against the zero-shot template; tuning time per seed from the same runs.
 
-* ``tiny``: ``engine.clap.tiny.build_tiny_clap`` (32-d, random). The whole default run is measured.
-* ``full``: ``ClapModel(ClapConfig())`` with random weights = laion/clap-htsat-unfused's layer shapes (HTSAT +
-  RoBERTa-base, 153 M parameters) and a locally trained RoBERTa-style tokenizer. A whole run takes hours on a small
-  CPU, so ``tune`` is stopped (through its own ``should_stop`` callback) after 1 warm-up + ``--full-steps`` optimizer
-  steps, on a subset of the training texts, and the whole run is extrapolated (and labelled so).
-
-Phases are timed from inside ``tune`` via its callbacks: ``progress(0, "Embedding ...")`` marks the start of the
-caption features, the first ``should_stop()`` the start of the first step, and each later ``progress`` the end of a
-step. Results go to stdout (markdown) and into this script's own section of ``--out``; other sections are kept.
+Results go to stdout (markdown) and into this script's own section of ``--out``; other sections are kept.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import inspect
-import math
+import os
+import re
 import shlex
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,15 +40,21 @@ from benchmarks.bench_datastore import CpuShare, load_model, machine_facts, seed
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from engine.audio import load_audio  # noqa: E402
 from engine.config import PromptTuningConfig  # noqa: E402
-from engine.datastore import embed_captions, read_captions  # noqa: E402
+from engine.datastore import read_captions  # noqa: E402
 from engine.prompt_tuning import (  # noqa: E402
-    PromptedClassifier,
     TrainingTexts,
-    TunedPrompts,
     TuningCancelled,
+    _autocast,
+    _step_loss,
+    compute_dtype,
+    format_duration,
+    plan_tuning,
+    prompted_class_embeddings,
+    softmax_pool,
+    training_inputs,
     training_texts,
     tune,
 )
@@ -55,13 +62,15 @@ from engine.text_selection import select_texts  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CAPTIONS = PROJECT_ROOT / "assets" / "captions" / "audiocaps_train.txt"
+DEMO_CORPUS = PROJECT_ROOT / "data" / "bundle_work" / "soundworld"
 SECTION_TITLE = "## Prompt tuning (benchmarks/bench_prompt_tuning.py)"
 TEMPLATES = ("This is a sound of {}.",)  # ClassifyConfig's default: what select_tuning_texts tops up with
-CLIP_S = 10.0
+RUN_PRESETS = ("quick", "default", "reference")
+ACCURACY_PRESETS = {"quick": {}, "quick, float32": {"mixed_precision": "no"}, "default": {}}
 
 # 50 distinct sound words that AudioCaps captions use (all occur in assets/captions/audiocaps_train.txt). The first
-# ten are the 10-class set. Every class but the last two has >= 16 matching captions; "owl" (10) and "violin" (8)
-# have fewer, so the 50-class selection also exercises the CLAP top-up.
+# ten are the 10-class set. "owl" and "violin" have fewer than 16 matching captions, so 50 classes exercise the
+# CLAP top-up.
 CLASS_NAMES = [
     "dog", "cat", "siren", "rain", "bird", "engine", "train", "bell", "water", "wind",
     "thunder", "car", "horn", "baby", "music", "bus", "truck", "motorcycle", "helicopter", "airplane",
@@ -75,333 +84,354 @@ def log(message: str) -> None:
     print(f"[bench_prompt_tuning {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=float)))
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# timing tune() from its callbacks
+# 1. one training step
 
 
-class TuneClock:
-    """Timestamps from ``tune``'s ``progress`` / ``should_stop`` callbacks; stops after ``stop_after`` steps."""
+def two_pass_loss(tower, class_ids, coarse, fine, features, index, labels, tau, config) -> torch.Tensor:
+    """The step as it was before the one-pass encoding: coarse and fine class prompts in two encoder calls."""
+    with _autocast(tower, config):
+        t = prompted_class_embeddings(tower, class_ids.input_ids, class_ids.attention_mask, coarse)
+        f = prompted_class_embeddings(tower, class_ids.input_ids, class_ids.attention_mask, fine)
+    t, f = F.normalize(t.float(), dim=-1), F.normalize(f.float(), dim=-1)
+    coarse_cos = features.sentence[index] @ t.T
+    fine_cos = softmax_pool(features.tokens[index].float() @ f.T, features.mask[index], config.token_temperature)
+    target = labels.argmax(dim=1)
+    return F.cross_entropy(tau * coarse_cos, target) + F.cross_entropy(tau * fine_cos, target)
+
+
+def measure_steps(clap, names: list[str], captions: list[str], repeats: int) -> list[dict]:
+    """Wall and CPU seconds of one step (loss, gradients of the prompts, AdamW), per variant, interleaved."""
+    tower = clap.text_tower()
+    view = tower.private_view(training=True)
+    batch = 24
+    rng = np.random.default_rng(0)
+    texts = [captions[i] for i in rng.choice(len(captions), batch, replace=False)]
+    labels = torch.from_numpy(np.eye(len(names), dtype=np.float32)[rng.integers(0, len(names), batch)])
+    index = torch.arange(batch)
+    tau = min(clap.logit_scale, 100.0)
+    variants = []
+    for preset in ("default", "quick"):
+        for precision in ("no", "bf16"):
+            config = PromptTuningConfig.from_preset(preset, mixed_precision=precision)
+            inputs = training_inputs(tower, texts, names, config)
+            for passes in (2, 1):
+                variants.append({"preset": preset, "prompt_len": config.prompt_len, "precision": precision,
+                                 "passes": passes, "config": config, "inputs": inputs, "wall": [], "cpu": []})
+
+    def step(v: dict) -> None:
+        config, (features, class_ids) = v["config"], v["inputs"]
+        generator = torch.Generator().manual_seed(0)
+        coarse, fine = (torch.nn.Parameter(torch.randn(config.prompt_len, tower.hidden_size, generator=generator)
+                                           * config.init_std) for _ in range(2))
+        optimizer = torch.optim.AdamW([coarse, fine], lr=config.lr)
+        loss_fn = _step_loss if v["passes"] == 1 else two_pass_loss
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss = loss_fn(view, class_ids, coarse, fine, features, index, labels, tau, config)
+        coarse.grad, fine.grad = torch.autograd.grad(loss, [coarse, fine])
+        optimizer.step()
+        v["wall"].append(time.perf_counter() - wall)
+        v["cpu"].append(time.process_time() - cpu)
+
+    for v in variants:  # warm-up (first-call allocations, oneDNN kernels per dtype)
+        step(v)
+        v["wall"].clear(), v["cpu"].clear()
+    for r in range(repeats):
+        for v in variants:
+            step(v)
+        log(f"steps: round {r + 1}/{repeats} done")
+    rows = []
+    for v in variants:
+        rows.append({k: v[k] for k in ("preset", "prompt_len", "precision", "passes")} |
+                    {"wall_s": median(v["wall"]), "cpu_s": median(v["cpu"]), "wall_min": min(v["wall"]),
+                     "cpu_min": min(v["cpu"]), "wall_all": v["wall"],
+                     "positions": 2 * len(names) * (1 + v["config"].prompt_len + int(v["inputs"][1].input_ids
+                                                                                     .shape[1]) - 1)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. whole runs
+
+
+class Recorder:
+    """tune()'s progress lines with their times; stops the run after ``stop_after`` steps (None = never)."""
 
     def __init__(self, stop_after: int | None = None) -> None:
-        self.stop_after = stop_after
-        self.embed_start: float | None = None
-        self.step_starts: list[float] = []
-        self.step_ends: list[float] = []
+        self.stop_after, self.lines, self.steps = stop_after, [], 0
 
     def progress(self, fraction: float, message: str) -> None:
-        now = time.perf_counter()
-        if message.startswith("Embedding"):
-            self.embed_start = now
-        else:
-            self.step_ends.append(now)
+        self.lines.append((time.perf_counter(), fraction, message))
+        self.steps += fraction > 0
 
     def should_stop(self) -> bool:
-        if self.stop_after is not None and len(self.step_ends) >= self.stop_after:
-            return True
-        self.step_starts.append(time.perf_counter())
-        return False
+        return self.stop_after is not None and self.steps >= self.stop_after
 
-    @property
-    def features_s(self) -> float:
-        """Caption features (+ class tokenisation, negligible): "Embedding" report to the first step's start."""
-        return self.step_starts[0] - self.embed_start
-
-    def step_seconds(self) -> np.ndarray:
-        return np.array(self.step_ends) - np.array(self.step_starts[:len(self.step_ends)])
-
-    @property
-    def loop_s(self) -> float:
-        return self.step_ends[-1] - self.step_starts[0]
+    def step_lines(self) -> list[tuple[float, float, str]]:
+        return [line for line in self.lines if line[1] > 0]
 
 
-def token_lengths(clap, texts: Sequence[str], max_tokens: int) -> np.ndarray:
-    return np.array([len(ids) for ids in clap.tokenizer(list(texts), truncation=True,
-                                                        max_length=max_tokens)["input_ids"]])
+LEFT = re.compile(r"≈ (?:(\d+) h (\d+) min|(\d+) min (\d+) s|(\d+) s) left")
 
 
-def subset_for_timing(data: TrainingTexts, lengths: np.ndarray, size: int, seed: int = 0) -> TrainingTexts:
-    """``size`` texts: one per class, the longest text of the set (so the subset pads to the same length as the
-    whole set in ``caption_features``, which pads to the longest caption), the rest at random."""
+def seconds_left(message: str) -> float:
+    """The remaining time a progress line states (format_duration's forms)."""
+    h, hm, m, ms, s = LEFT.search(message).groups()
+    if h is not None:
+        return 3600 * int(h) + 60 * int(hm)
+    return 60 * int(m) + int(ms) if m is not None else float(s)
+
+
+def subset_for_timing(data: TrainingTexts, size: int, seed: int = 0) -> TrainingTexts:
+    """``size`` texts with every class present (a random sample otherwise), for stopped runs of large sets."""
+    if size <= 0 or size >= len(data.texts):
+        return data
     rng = np.random.default_rng(seed)
-    keep = {int(np.argmax(lengths))}
-    for c in range(data.labels.shape[1]):
-        keep.add(int(rng.choice(np.flatnonzero(data.labels[:, c] == 1))))
-    rest = [i for i in rng.permutation(len(data.texts)) if i not in keep]
-    keep |= set(int(i) for i in rest[:max(0, size - len(keep))])
-    rows = sorted(keep)
+    keep = {int(rng.choice(np.flatnonzero(data.labels[:, c] == 1))) for c in range(data.labels.shape[1])}
+    rest = [int(i) for i in rng.permutation(len(data.texts)) if int(i) not in keep]
+    rows = sorted(keep | set(rest[:max(0, size - len(keep))]))
     return TrainingTexts([data.texts[i] for i in rows], data.labels[rows])
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# measurements
-
-
-def measure_selection(clap, names: list[str], captions: list[str], embeddings: np.ndarray,
-                      config: PromptTuningConfig) -> tuple[object, dict]:
-    """``select_texts`` exactly as ``AudioScribe.select_tuning_texts`` calls it (datastore captions + embeddings)."""
+def measure_run(clap, names: list[str], captions: list[str], embeddings: np.ndarray, preset: str, whole: bool,
+                timed_steps: int, subset: int) -> dict:
+    config = PromptTuningConfig.from_preset(preset)
     t0 = time.perf_counter()
     selection = select_texts(names, captions, clap=clap, caption_embeddings=embeddings,
                              min_per_class=config.min_texts_per_class, max_per_class=config.max_texts_per_class,
                              templates=TEMPLATES, seed=config.seed)
-    wall = time.perf_counter() - t0
-    sources = np.array(selection.sources)
-    return selection, {"select_s": wall, "selected": len(selection.texts),
-                       "matched": int((sources == "match").sum()), "topped": int((sources == "nearest").sum()),
-                       "short_classes": [r.name for r in selection.report if r.topped_up]}
-
-
-def measure_classify(clap, prompts: TunedPrompts, repeats: int) -> dict:
-    """Build ``PromptedClassifier`` (coarse + fine class embeddings) and classify one 10-s clip; medians."""
-    rng = np.random.default_rng(0)
-    t = np.arange(int(CLIP_S * clap.sample_rate)) / clap.sample_rate
-    wave = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
-    audio = load_audio((clap.sample_rate, wave), clap.sample_rate)
-    build, classify, windows, frames = [], [], [], []
-    for i in range(repeats + 1):  # the first is warm-up
-        t0 = time.perf_counter()
-        classifier = PromptedClassifier(clap, prompts)
-        t1 = time.perf_counter()
-        result = classifier.classify(audio)
-        t2 = time.perf_counter()
-        assert result.scores["combined"].shape == (len(prompts.class_names),)
-        if i:
-            build.append((t1 - t0) * 1e3)
-            classify.append((t2 - t1) * 1e3)
-    for i in range(2):  # the two audio passes classify() makes, timed on their own once (after a warm-up)
-        t0 = time.perf_counter()
-        clap.embed_windows([audio])
-        t1 = time.perf_counter()
-        clap.embed_frames(audio)
-        t2 = time.perf_counter()
-        if i:
-            windows.append((t1 - t0) * 1e3)
-            frames.append((t2 - t1) * 1e3)
-    return {"build_ms": float(np.median(build)), "classify_ms": float(np.median(classify)),
-            "embed_windows_ms": windows[0], "embed_frames_ms": frames[0], "repeats": repeats,
-            "windows": len(result.windows)}
-
-
-def run_tiny(clap, names: list[str], captions: list[str], embeddings: np.ndarray, config: PromptTuningConfig,
-             repeats: int) -> dict:
-    selection, r = measure_selection(clap, names, captions, embeddings, config)
+    select_s = time.perf_counter() - t0
     data = training_texts(selection, config.multi_label)
-    lengths = token_lengths(clap, data.texts, config.caption_max_tokens)
-    r.update(texts=len(data.texts), tokens_mean=float(lengths.mean()), tokens_max=int(lengths.max()))
-    log(f"tiny/{len(names)}: selected {r['selected']} in {r['select_s']:.2f} s; {len(data.texts)} single-label "
-        "texts; tuning (whole default run)")
-    clock = TuneClock()
-    t0 = time.perf_counter()
-    prompts = tune(clap, names, data, config, progress=clock.progress, should_stop=clock.should_stop)
-    r["tune_s"] = time.perf_counter() - t0
-    steps = clock.step_seconds()
-    r.update(features_s=clock.features_s, features_texts=len(data.texts), features_extrapolated=False,
-             loop_s=clock.loop_s, steps=len(steps), steps_per_epoch=math.ceil(len(data.texts) / config.batch_size),
-             step_s=float(np.median(steps)), tune_extrapolated=False,
-             final_loss=prompts.report["epoch_losses"][-1], first_loss=prompts.report["epoch_losses"][0])
-    log(f"tiny/{len(names)}: tune {r['tune_s']:.1f} s ({r['steps']} steps, {r['step_s'] * 1e3:.1f} ms/step, "
-        f"features {r['features_s']:.2f} s); classifying")
-    r["classify"] = measure_classify(clap, prompts, repeats)
-    r["prompts_what"] = "the tuned prompts"
-    return r
+    plan = plan_tuning(len(names), len(data.texts), config)
+    row = {"preset": preset, "classes": len(names), "texts": len(data.texts), "steps_planned": plan.steps,
+           "steps_per_epoch": plan.steps_per_epoch, "epochs": config.epochs, "select_s": select_s, "whole": whole,
+           "prompt_len": config.prompt_len, "dtype": str(compute_dtype(clap.text_tower(), config))[6:],
+           "patience": config.patience}
+    share = CpuShare()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    if whole:
+        recorder = Recorder()
+        prompts = tune(clap, names, data, config, progress=recorder.progress)
+        wall = time.perf_counter() - t0
+        r = prompts.report
+        lines = recorder.step_lines()
+        estimates = []  # (fraction of the run's time, estimated total / actual total) at a few points
+        for k in sorted({0, len(lines) // 10, len(lines) // 2}):
+            at, _, message = lines[k]
+            estimates.append({"step": k + 1, "elapsed_s": at - t0, "estimate_s": at - t0 + seconds_left(message)})
+        step_mean = (lines[-1][0] - lines[0][0]) / max(1, len(lines) - 1) if len(lines) > 1 else r["step_seconds"]
+        row.update(seconds=wall, features_s=r["features_seconds"], steps=r["steps"], step_s=r["step_seconds"],
+                   planned_s=wall + (plan.steps - r["steps"]) * step_mean,  # had no early stop ended it
+                   stopped_early=r["stopped_early"], epochs_run=len(r["epoch_losses"]), estimates=estimates,
+                   first_estimate_s=r["estimated_seconds"], losses=r["epoch_losses"],
+                   cpu_s=time.process_time() - cpu0)
+    else:
+        timing = subset_for_timing(data, subset)
+        recorder = Recorder(stop_after=1 + timed_steps)
+        try:
+            tune(clap, names, timing, config, progress=recorder.progress, should_stop=recorder.should_stop)
+            raise RuntimeError("tune finished before the step limit; use a larger --subset")
+        except TuningCancelled:
+            pass
+        lines = recorder.lines
+        embedded_at = next(t for t, f, m in lines if m.endswith("timing the first step for an estimate…"))
+        steps = [line[0] for line in lines if line[1] > 0]
+        step_times = np.diff([embedded_at, *steps])
+        features = (embedded_at - t0) * len(data.texts) / len(timing.texts)
+        step_s = float(np.mean(step_times[1:]))  # the first step carries warm-up
+        row.update(features_s=features, features_timed_texts=len(timing.texts), step_s=step_s,
+                   step_times=[float(s) for s in step_times], seconds=features + plan.steps * step_s,
+                   cpu_s=time.process_time() - cpu0)
+    row["others_cores"] = share.others()
+    log(f"runs: {preset}/{len(names)}: {row['texts']} texts, {plan.steps} steps planned, "
+        f"{row['step_s']:.2f} s/step -> {format_duration(row['seconds'])}"
+        f"{'' if whole else ' (extrapolated)'}; other processes {row['others_cores']:.2f} cores")
+    return row
 
 
-def run_full(clap, names: list[str], captions: list[str], embeddings: np.ndarray, config: PromptTuningConfig,
-             steps: int, subset: int, repeats: int) -> dict:
-    selection, r = measure_selection(clap, names, captions, embeddings, config)
-    data = training_texts(selection, config.multi_label)
-    lengths = token_lengths(clap, data.texts, config.caption_max_tokens)
-    r.update(texts=len(data.texts), tokens_mean=float(lengths.mean()), tokens_max=int(lengths.max()))
-    timing = data if subset <= 0 or subset >= len(data.texts) else subset_for_timing(data, lengths, subset)
-    log(f"full/{len(names)}: selected {r['selected']} in {r['select_s']:.2f} s; {len(data.texts)} single-label "
-        f"texts; tune on {len(timing.texts)} of them, stopped after 1 + {steps} steps")
-    clock = TuneClock(stop_after=1 + steps)
+# --------------------------------------------------------------------------------------------------------------------
+# 3. accuracy on the demo bundle
+
+
+def measure_accuracy(presets: dict[str, dict], seeds: Sequence[int], corpus: Path, class_count: int) -> dict:
+    from engine.config import load_config
+    from engine.service import AudioScribe
+    from trainers.demo_eval import test_rows
+    from trainers.soundworld import load_classes
+    from trainers.tune_prompts import EvalAudio, embed_eval_audio, run
+
+    classes = [c["label"] for c in load_classes(corpus)][:class_count]
+    scribe = AudioScribe.from_config(load_config(), show_progress=False)  # the offline profile: the demo bundle
+    rows = [r for r in test_rows(corpus, 0) if len(r["labels"]) == 1 and r["labels"][0] in classes]
+    labels = np.zeros((len(rows), len(classes)), dtype=np.float32)
+    for i, r in enumerate(rows):
+        labels[i, classes.index(r["labels"][0])] = 1
     t0 = time.perf_counter()
-    try:
-        tune(clap, names, timing, config, progress=clock.progress, should_stop=clock.should_stop)
-        raise RuntimeError("tune finished before the step limit; use a larger --full-texts")
-    except TuningCancelled:
-        pass
-    measured = time.perf_counter() - t0
-    step_times = clock.step_seconds()
-    timed_steps = step_times[1:]  # the first step is warm-up
-    steps_per_epoch = math.ceil(len(data.texts) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    features = clock.features_s * len(data.texts) / len(timing.texts)
-    r.update(features_s=features, features_measured_s=clock.features_s, features_texts=len(timing.texts),
-             features_extrapolated=len(timing.texts) < len(data.texts), steps=total_steps,
-             steps_per_epoch=steps_per_epoch, step_s=float(np.mean(timed_steps)),
-             step_times=[float(s) for s in step_times], measured_s=measured, tune_extrapolated=True)
-    r["loop_s"] = total_steps * r["step_s"]
-    r["tune_s"] = features + r["loop_s"]
-    log(f"full/{len(names)}: {r['step_s']:.2f} s/step (warm-up {step_times[0]:.2f} s), features "
-        f"{clock.features_s:.1f} s for {len(timing.texts)} texts -> whole run ≈ {r['tune_s'] / 3600:.1f} h "
-        "(extrapolated); classifying")
-    # Classification cost does not depend on the prompt values: prompts of the tuned shape at their initial scale.
-    generator = torch.Generator().manual_seed(config.seed)
-    hidden = clap.text_tower().hidden_size
-    prompts = TunedPrompts(names, torch.randn(config.prompt_len, hidden, generator=generator) * config.init_std,
-                           torch.randn(config.prompt_len, hidden, generator=generator) * config.init_std, config,
-                           clap.name, clap.fingerprint)
-    r["classify"] = measure_classify(clap, prompts, repeats)
-    r["prompts_what"] = "untuned prompts of the tuned shape (timing does not depend on their values)"
-    return r
+    evaluation = EvalAudio(labels, embed_eval_audio(scribe, [str(corpus / r["path"]) for r in rows], False))
+    log(f"accuracy: {len(rows)} test clips embedded in {time.perf_counter() - t0:.0f} s")
+    half = len(classes) // 2
+    out = {"clips": len(rows), "classes": len(classes), "clap": scribe.clap.name, "presets": {},
+           "group_clips": [int(labels[:, :half].sum()), int(labels[:, half:].sum())]}
+    for name, overrides in presets.items():
+        preset = name.split(",")[0]
+        config = PromptTuningConfig.from_preset(preset, **overrides)
+        tuned = AudioScribe(replace(scribe.config, tuning=config), scribe.clap, scribe.datastore)
+        share = CpuShare()
+        t0 = time.perf_counter()
+        result = run(tuned, classes, None, evaluation, seeds, False, True, None, False)
+        summary = result["summary"]
+        out["presets"][name] = {"summary": summary, "seeds": result["seeds"], "wall_s": time.perf_counter() - t0,
+                                "others_cores": share.others(), "config": asdict(config),
+                                "dtype": str(compute_dtype(scribe.clap.text_tower(), config))[6:]}
+        log(f"accuracy: {name}: tuned classes {summary['base_tuned']['mean']:.3f}, unseen "
+            f"{summary['new_tuned']['mean']:.3f}, {summary['seconds']['mean']:.1f} s per seed")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # report
 
 
-def fmt_s(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds:,.0f} s ≈ {seconds / 3600:.1f} h"
-    if seconds >= 120:
-        return f"{seconds:,.0f} s ≈ {seconds / 60:.0f} min"
-    return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def render_steps(rows: list[dict], repeats: int) -> list[str]:
+    base = {r["preset"]: r for r in rows if r["precision"] == "no" and r["passes"] == 2}
+    lines = ["### 1. One training step, LAION-sized text tower, 10 classes", "",
+             f"{repeats} interleaved rounds after a warm-up: median and fastest (min) of each. CPU = process CPU "
+             "seconds (both threads): the work done, less disturbed by other processes than the wall clock; the "
+             "speed-ups are ratios of the fastest CPU times. \"before\" = float32 and two encoder passes (coarse, "
+             "fine), the code before this change.", "",
+             "| preset (prompt_len) | autocast | encoder passes | class positions per step | wall median / min (s) | "
+             "CPU median / min (s) | speed-up vs before (CPU min) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = base[r["preset"]]["cpu_min"] / r["cpu_min"]
+        lines.append(f"| {r['preset']} ({r['prompt_len']}) | {'bf16' if r['precision'] == 'bf16' else 'none'} | "
+                     f"{r['passes']} | {r['positions']} | {r['wall_s']:.2f} / {r['wall_min']:.2f} | "
+                     f"{r['cpu_s']:.2f} / {r['cpu_min']:.2f} | {ratio:.2f}x |")
+    return lines + [""]
+
+
+def render_runs(rows: list[dict]) -> list[str]:
+    lines = ["### 2. Whole runs, LAION-sized CLAP (random weights), AudioCaps captions", "",
+             "**≈ … (extrapolated)** = caption features timed on a subset and scaled by the text count, plus the "
+             "planned steps times the mean of the timed steps after the first; otherwise measured end to end "
+             "(`tune()`, wall clock). CPU s = process CPU seconds of the measured part.", "",
+             "| preset | classes | training texts | prompt_len | compute | steps (epochs x per epoch) | s per step | "
+             "caption features | whole run | other processes (cores) |",
+             "|---|---:|---:|---:|---|---|---:|---|---|---:|"]
+    for r in rows:
+        steps = f"{r['steps_planned']:,} ({r['epochs']} x {r['steps_per_epoch']})"
+        if r["whole"]:
+            steps = f"{r['steps']:,} of {steps}" + (f"; early stop after epoch {r['epochs_run']}"
+                                                    if r["stopped_early"] else "")
+            whole = f"**{format_duration(r['seconds'])}** measured ({r['cpu_s']:,.0f} CPU s)"
+            features = format_duration(r["features_s"])
+        else:
+            whole = f"**≈ {format_duration(r['seconds'])} (extrapolated)**"
+            features = (f"≈ {format_duration(r['features_s'])} (from {r['features_timed_texts']:,} texts)"
+                        if r["features_timed_texts"] < r["texts"] else format_duration(r["features_s"]))
+        lines.append(f"| {r['preset']} | {r['classes']} | {r['texts']:,} | {r['prompt_len']} | {r['dtype']} | "
+                     f"{steps} | {r['step_s']:.2f} | {features} | {whole} | {r['others_cores']:.2f} |")
+    lines.append("")
+    for r in rows:
+        if r["whole"]:
+            target = r["planned_s"]  # the estimate is for every planned step; an early stop ends sooner
+            points = "; ".join(f"after step {e['step']} ({format_duration(e['elapsed_s'])} in): "
+                               f"{format_duration(e['estimate_s'])} ({e['estimate_s'] / target:.2f}x)"
+                               for e in r["estimates"])
+            planned = (f"; all {r['steps_planned']} planned steps at the run's mean step time would have taken "
+                       f"{format_duration(target)}, the figure the estimates are compared with" if r["stopped_early"]
+                       else "")
+            lines.append(f"- Run-time estimate shown by the progress line, {r['preset']}/{r['classes']}: {points}. "
+                         f"Actual {format_duration(r['seconds'])}{planned}. Epoch losses "
+                         f"{', '.join(f'{x:.3f}' for x in r['losses'])}.")
+        else:
+            times = ", ".join(f"{s:.2f}" for s in r["step_times"])
+            lines.append(f"- {r['preset']}/{r['classes']}: timed steps {times} s (first = warm-up).")
+    return lines + [""]
+
+
+def render_accuracy(acc: dict, seeds: Sequence[int]) -> list[str]:
+    lines = ["### 3. Accuracy cost of `quick`: the demo bundle's trained CLAP on its held-out test clips", "",
+             f"{acc['clips']} single-source test clips of the corpus' first {acc['classes']} classes (nothing in "
+             f"them was trained on). Prompts tuned on the first {acc['classes'] // 2} classes (datastore captions, "
+             "as the app selects them), top-1 among those classes on their clips and, with the same prompts, among "
+             f"the other classes on theirs (unseen): {acc['group_clips'][0]} and {acc['group_clips'][1]} clips, "
+             f"so one clip is {100 / acc['group_clips'][0]:.1f} points; mean ± std over seeds "
+             f"{list(seeds)}; last epoch. Tuning time per seed (caption features computed once per preset and "
+             "shared by the seeds; demo CLAP text tower: MiniLM-L6, far smaller than LAION's RoBERTa).", "",
+             "| preset | compute | prompt_len / texts per class / epochs (patience) | tuned classes: zero-shot → "
+             "tuned | unseen classes: zero-shot → tuned | steps run | s per seed | other processes (cores) |",
+             "|---|---|---|---|---|---:|---:|---:|"]
+    for name, p in acc["presets"].items():
+        s, c = p["summary"], p["config"]
+        tuned, unseen = (f"{pct(s[g + '_zero_shot']['mean'])} → **{pct(s[g + '_tuned']['mean'])} ± "
+                         f"{pct(s[g + '_tuned']['std'])}**" for g in ("base", "new"))
+        lines.append(
+            f"| {name} | {p['dtype']} | {c['prompt_len']} / {c['max_texts_per_class']} / {c['epochs']} "
+            f"({c['patience'] or 'off'}) | {tuned} | {unseen} | {s['steps']['mean']:.0f} | "
+            f"{s['seconds']['mean']:.1f} | {p['others_cores']:.2f} |")
+    return lines + [""]
 
 
 def render(res: dict) -> str:
-    m, cfg = res["machine"], res["config"]
-    lines = [SECTION_TITLE, ""]
-    lines += [f"Command: `{res['command']}`  ", f"Date: {res['date']}  ", f"Runtime: {res['runtime_s']:.0f} s  ",
-              f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), torch threads "
-              f"{m['torch_threads']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-              f"numpy {m['numpy']} ({m['platform']})  ",
-              f"Load average (1 min) at start / end: {res['load_start']:.2f} / {res['load_end']:.2f}  ",
-              "Other processes' CPU use during the run (from /proc/stat minus this process; 0 = quiet, 2 = both "
-              f"cores busy): {res['others_cores']:.2f} cores on average"
-              + "".join(f"; {k}: {v:.2f}" for k, v in res["others_by_model"].items()), "",
-              "> **Timings are approximate.** A shared 2-core CPU machine on which other processes may have been "
-              "running (see the line above); treat differences under ~30% as noise. CPU only, float32. No GPU was "
-              "lent to this run; on a machine with one the same script would be run there and its numbers added.",
-              "",
-              f"Config: default `PromptTuningConfig` (prompt_len {cfg['prompt_len']}, epochs {cfg['epochs']}, batch "
-              f"{cfg['batch_size']}, lr {cfg['lr']}, texts per class {cfg['min_texts_per_class']}.."
-              f"{cfg['max_texts_per_class']}, caption_max_tokens {cfg['caption_max_tokens']}, single-label, "
-              "dropout on). Captions: the "
-              f"{res['captions']:,} shipped AudioCaps training captions (`{res['captions_path']}`). Classes: the first "
-              f"N of {', '.join(CLASS_NAMES[:12])}, ... (50 common AudioCaps sound words; full list in the script).",
-              ""]
-    lines += ["### Models", "", "| model | what | params | D | caption embeddings given to `select_texts` |",
-              "|---|---|---:|---:|---|"]
-    for name, mr in res["models"].items():
-        f = mr["facts"]
-        what = ("`build_tiny_clap` (random, 32-d; the offline profile's model)" if name == "tiny" else
-                "`ClapModel(ClapConfig())` = laion/clap-htsat-unfused architecture (HTSAT + RoBERTa-base), random "
-                f"weights (seed 0); RoBERTa-style BPE tokenizer trained on the captions ({f['tokenizer_vocab']:,} "
-                "tokens)")
-        emb = (f"the model's own, embedded here in {mr['embed_s']:.1f} s (one-off; the app reuses the datastore's)"
-               if name == "tiny" else
-               f"random unit vectors, {res['captions']:,} x {f['dim']} (the app reuses the datastore's, computed once "
-               "at datastore build; embedding all captions with this model takes tens of minutes on this CPU, "
-               "see the datastore section). Selection cost does not depend on their values")
-        lines.append(f"| {name} | {what} | {f['params'] / 1e6:.1f} M | {f['dim']} | {emb} |")
-    lines.append("")
-
-    lines += ["### Results", "",
-              "Times in seconds unless marked; **≈ … (extrapolated)** = not measured end to end (see notes). "
-              "Training texts = the single-label view of the selection (texts naming exactly one class).", "",
-              "| model | classes | 1. select_texts (s) | selected (matched + topped up) | training texts | "
-              "2. caption features | 3. tuning steps (epochs x steps/epoch) | s per step | 3. tuning loop | "
-              "3. whole `tune()` | 4. build classifier (ms) | 4. classify 10-s clip (ms) |",
-              "|---|---:|---:|---|---:|---|---|---:|---|---|---:|---:|"]
-    for row in res["rows"]:
-        ext = row["tune_extrapolated"]
-        feat = fmt_s(row["features_s"])
-        if row["features_extrapolated"]:
-            feat = (f"**≈ {feat} (extrapolated)** from {fmt_s(row['features_measured_s'])} for "
-                    f"{row['features_texts']:,} texts")
-        loop = f"**≈ {fmt_s(row['loop_s'])} (extrapolated)**" if ext else fmt_s(row["loop_s"])
-        whole = f"**≈ {fmt_s(row['tune_s'])} (extrapolated)**" if ext else fmt_s(row["tune_s"])
-        step = f"{row['step_s']:.2f}" if row["step_s"] >= 0.1 else f"{row['step_s'] * 1e3:.1f} ms"
-        if ext:
-            step += f" (mean of {len(row['step_times']) - 1}; warm-up {row['step_times'][0]:.2f})"
-        c = row["classify"]
-        lines.append(
-            f"| {row['model']} | {row['classes']} | {row['select_s']:.2f} | {row['selected']:,} ({row['matched']:,} + "
-            f"{row['topped']}) | {row['texts']:,} | {feat} | {row['steps']:,} ({res['config']['epochs']} x "
-            f"{row['steps_per_epoch']}){'; ' + str(len(row['step_times'])) + ' run' if ext else ''} | {step} | "
-            f"{loop} | {whole} | {c['build_ms']:,.0f} | {c['classify_ms']:,.0f} |")
-    lines.append("")
-    lines += ["Details:", ""]
-    for row in res["rows"]:
-        c = row["classify"]
-        extra = (f"epoch loss {row['first_loss']:.3f} -> {row['final_loss']:.3f}" if not row["tune_extrapolated"]
-                 else f"step times {', '.join(f'{s:.2f}' for s in row['step_times'])} s (first = warm-up), "
-                      f"{row['measured_s']:.0f} s measured in all")
-        lines.append(
-            f"- {row['model']}/{row['classes']}: training captions {row['tokens_mean']:.1f} tokens on average, "
-            f"longest {row['tokens_max']} (`caption_features` pads every batch to the longest); "
-            f"topped-up classes: {', '.join(row['short_classes']) or 'none'}; {extra}; classify "
-            f"= `embed_windows` {c['embed_windows_ms']:,.0f} ms + `embed_frames` {c['embed_frames_ms']:,.0f} ms + "
-            f"scoring; classifier built with {row['prompts_what']}; medians of {c['repeats']} after 1 warm-up; "
-            f"other processes used {row['others_cores']:.2f} cores meanwhile.")
-    lines.append("")
+    m = res["machine"]
+    lines = [SECTION_TITLE, "", f"Command: `{res['command']}`  ", f"Date: {res['date']}  ",
+             f"Runtime: {res['runtime_s']:.0f} s  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), torch threads "
+             f"{m['torch_threads']}; native bf16 (AMX / AVX512-BF16): {res['native_bf16']}; Python {m['python']}, "
+             f"torch {m['torch']}, transformers {m['transformers']}  ",
+             f"Load average (1 min) at start / end: {res['load_start']:.2f} / {res['load_end']:.2f}; other "
+             f"processes' CPU use over the run (/proc/stat minus this process; 2 = both cores busy): "
+             f"{res['others_cores']:.2f} cores on average", "",
+             "> **Timings are approximate.** A shared 2-core machine on which other processes were running (see the "
+             "load above and the per-row columns): wall-clock times are what a user of this machine would have "
+             "waited, and are longer than on an idle machine; ratios within one table (interleaved) are the "
+             "firmer figures. No GPU was lent to this run.", ""]
+    if "steps" in res:
+        lines += render_steps(res["steps"], res["repeats"])
+    if "runs" in res:
+        lines += render_runs(res["runs"])
+    if "accuracy" in res:
+        lines += render_accuracy(res["accuracy"], res["seeds"])
     lines += ["### Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     return "\n".join(lines)
 
 
 def notes_for(res: dict) -> list[str]:
-    cfg = PromptTuningConfig()
     notes = [
-        "What is timed is the engine's own code path: `select_texts` with the arguments "
-        "`AudioScribe.select_tuning_texts` passes, `training_texts(..., multi_label=False)`, `tune` (its phases "
-        "timed through its `progress` / `should_stop` callbacks) and `PromptedClassifier` + `.classify`.",
-        "**tiny** is a floor (two 32-wide layers): the whole default run is measured; it shows the pipeline's own "
-        "overhead. **full** has random weights but the real checkpoint's layer shapes, so its compute, and hence "
-        "its time, is what laion/clap-htsat-unfused costs on this CPU; its tuning was stopped after the measured "
-        "steps and the whole run extrapolated as caption features x (all texts / timed texts) + steps x mean step "
-        "time.",
-        "Tuning dominates, and within it the optimizer steps: each step encodes all C class prompts twice "
-        f"(coarse and fine; {cfg.prompt_len} prompt vectors + the class name's tokens each) forward and backward "
-        "through the whole text tower. Cost per step therefore grows with C, and the number of steps "
-        f"(epochs x ceil(texts / {cfg.batch_size})) grows with C too (up to {cfg.max_texts_per_class} texts per "
-        "class), so a whole run grows roughly with C squared: 50 classes cost far more than 5x 10 classes.",
-        "Text selection (word-boundary regexes over the 45,716 captions, plus a CLAP top-up for classes with fewer "
-        f"than {cfg.min_texts_per_class} matches) takes a second or less. Caption features are a one-off forward "
-        "pass per training text without gradients: seconds with tiny, minutes with the full model, because "
-        "`caption_features` pads every batch of 64 to the longest caption of the whole set (see details), unlike "
-        "`embed_text`, which batches captions of similar length.",
-        "Classifying with tuned prompts runs the audio tower twice per window (`embed_windows` for the clip "
-        "embedding and `embed_frames` for the frames), so it costs about two zero-shot audio embeddings; building "
-        "the classifier (2 x C prompted class embeddings, no gradients) costs seconds with the full model and is "
-        "paid on every call today: `AudioScribe.classify_tuned` (used by the app) builds a new `PromptedClassifier` "
-        "per clip, so a tuned classification costs build + classify from the table; caching the class embeddings "
-        "per prompt set would leave only the classify column.",
-        "Settings that shorten a run, roughly in proportion: `tuning.epochs` (linear), `tuning.max_texts_per_class` "
-        "(fewer texts = fewer steps per epoch; only classes with more matches than the cap are affected), "
-        f"`tuning.prompt_len` (each class sequence is 1 + prompt_len + the name's tokens, ~{cfg.prompt_len + 3} "
-        f"positions at the default {cfg.prompt_len}, so 8 or 16 cut the step cost substantially, at some cost in "
-        "accuracy) and fewer classes per run. A GPU should make each step a small fraction of the CPU time; no GPU "
-        "was lent to this session, so none is measured here (the script runs unchanged where one is).",
+        "A step encodes every class prompt (1 + prompt_len + the name's tokens) through the text tower, forward "
+        "and backward; caption features are computed once per run, without gradients, and every epoch reuses them. "
+        "So a step costs ~C x (prompt_len + name tokens) and a run ~epochs x ceil(texts / batch) steps, with "
+        "texts growing with C: a run grows with about C².",
+        "`tuning.mixed_precision = \"auto\"` autocasts the class-prompt encoding to bf16 on a CPU with native bf16 "
+        "(AMX or AVX512-BF16) and keeps float32 elsewhere; on CUDA it follows the model's dtype (an fp16 CLAP tunes "
+        "in fp16 with loss scaling). Caption features, cosines (scaled by τ up to 100) and the prompts stay float32.",
+        "The progress line's estimate is the remaining steps times the measured cost per step (the first step "
+        "alone, then the mean of the latest 20 after it); with `patience` set it is an upper bound, since an early "
+        "stop ends the run sooner. The first step carries warm-up (first-call allocations, oneDNN kernel choice), "
+        "so the first estimate runs high.",
     ]
-    full = {row["classes"]: row for row in res["rows"] if row["model"] == "full"}
-    if full:
-        expect = "; ".join(f"{c} classes ≈ {fmt_s(r['tune_s'])} ({r['steps']:,} steps of ~{r['step_s']:.0f} s)"
-                           for c, r in sorted(full.items()))
-        notes.append("What a CPU user should expect with a real CLAP (laion/clap-htsat-unfused size) and the "
-                     f"default settings, on a 2-core machine like this one: {expect}, extrapolated from the measured "
-                     "steps; selection and classification are negligible next to that. The first step is several "
-                     "times slower than the rest (warm-up: allocations and the first backward pass).")
-        fastest = "; ".join(f"{c} classes ≈ {fmt_s(r['features_s'] + r['steps'] * min(r['step_times'][1:]))}"
-                            for c, r in sorted(full.items()))
-        notes.append("Contention from other processes inflates step times (the timed steps above vary a lot); with "
-                     f"the fastest timed step instead of the mean, the whole runs would be: {fastest}. Treat the "
-                     "extrapolations as ranges between the two.")
+    if any(r["whole"] and r["stopped_early"] for r in res.get("runs", [])):
+        notes.append("The LAION-sized CLAP has random weights: its text tower cannot tell the classes apart, so the "
+                     "loss does not fall (it stays near 2 ln C) and `quick`'s early stop ends the run after "
+                     "patience + 1 epochs. With a trained CLAP the loss falls and the run goes on, at most to its "
+                     "planned steps: the figure its estimates are compared with above is that upper bound.")
+    if "accuracy" in res:
+        notes.append("On the demo bundle, tuning on its own datastore captions lowers top-1 on the tuned classes "
+                     "below the zero-shot template (the bundle's CLAP already knows its corpus' class labels) with "
+                     "every preset alike; the comparison that matters here is `quick` against `default`.")
     return notes
 
 
 def write_own_section(path: Path, section: str) -> None:
-    """bench_datastore's ``write_section`` (insert or replace one section, keep the others) for this title."""
-    params = inspect.signature(bench_datastore.write_section).parameters
-    if "title" in params:
-        bench_datastore.write_section(path, section, title=SECTION_TITLE)
-        return
-    saved = bench_datastore.SECTION_TITLE  # its helper reads the section title from its module
-    bench_datastore.SECTION_TITLE = SECTION_TITLE
-    try:
-        bench_datastore.write_section(path, section)
-    finally:
-        bench_datastore.SECTION_TITLE = saved
+    bench_datastore.write_section(path, section, title=SECTION_TITLE)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -409,36 +439,42 @@ def write_own_section(path: Path, section: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_prompt_tuning", description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="tiny,full", help="comma-separated subset of tiny,full")
-    p.add_argument("--classes", default="10,50", help=f"comma-separated class counts (1..{len(CLASS_NAMES)})")
-    p.add_argument("--full-steps", type=int, default=3, help="timed optimizer steps for full (after 1 warm-up)")
-    p.add_argument("--full-texts", type=int, default=240,
-                   help="training texts full's caption features are computed on (extrapolated to all; 0 = all)")
-    p.add_argument("--classify-repeats", type=int, default=3, help="timed classifications per row (after 1 warm-up)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_prompt_tuning", description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default="steps,runs,accuracy", help="comma-separated subset of steps,runs,accuracy")
+    p.add_argument("--classes", default="10,50", help=f"class counts for the runs (1..{len(CLASS_NAMES)})")
+    p.add_argument("--presets", default=",".join(RUN_PRESETS), help="presets for the runs")
+    p.add_argument("--whole", default="quick/10", help="runs measured end to end (preset/classes, comma-separated); "
+                                                       "the others are extrapolated")
+    p.add_argument("--timed-steps", type=int, default=3, help="timed steps of an extrapolated run (after 1 warm-up)")
+    p.add_argument("--subset", type=int, default=240, help="texts an extrapolated run embeds (scaled to all)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds of the step variants")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the accuracy part")
+    p.add_argument("--corpus", type=Path, default=DEMO_CORPUS, help="the demo bundle's sound corpus (test split)")
+    p.add_argument("--accuracy-classes", type=int, default=20,
+                   help="the corpus' first N classes: prompts tuned on the first half, tested on both halves")
     p.add_argument("--captions", type=Path, default=CAPTIONS, help="caption file (default: the shipped AudioCaps)")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "RESULTS.md",
                    help="markdown file to write this script's section into ('-' = do not write)")
     args = p.parse_args(argv)
-    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
-    if set(args.model_list) - {"tiny", "full"} or not args.model_list:
-        p.error(f"--models takes tiny and/or full, got {args.models!r}")
+    args.part_list = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if not args.part_list or set(args.part_list) - {"steps", "runs", "accuracy"}:
+        p.error(f"--parts takes steps, runs and/or accuracy, got {args.parts!r}")
     try:
         args.class_counts = [int(c) for c in args.classes.split(",") if c.strip()]
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        p.error(f"--classes takes comma-separated integers, got {args.classes!r}")
-    if not args.class_counts or any(not 1 <= c <= len(CLASS_NAMES) for c in args.class_counts):
+        p.error("--classes and --seeds take comma-separated integers")
+    if any(not 1 <= c <= len(CLASS_NAMES) for c in args.class_counts):
         p.error(f"--classes must be between 1 and {len(CLASS_NAMES)}")
-    if args.full_steps < 1 or args.classify_repeats < 1:
-        p.error("--full-steps and --classify-repeats must be at least 1")
-    needed = (args.full_steps + 1) * PromptTuningConfig().batch_size + 1
-    if 0 < args.full_texts < needed:
-        p.error(f"--full-texts must be 0 or at least {needed} (more than 1 + --full-steps batches)")
+    args.preset_list = [x.strip() for x in args.presets.split(",") if x.strip()]
+    args.whole_set = {x.strip() for x in args.whole.split(",") if x.strip()}
+    if args.timed_steps < 1 or args.repeats < 1 or not args.seed_list:
+        p.error("--timed-steps and --repeats must be at least 1, --seeds not empty")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
+    from engine.prompt_tuning import cpu_has_native_bf16
 
     started = time.perf_counter()
     whole_run = CpuShare()
@@ -447,48 +483,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m benchmarks.bench_prompt_tuning" + (" " + shlex.join(argv_list) if argv_list else "")
     import transformers
     transformers.logging.set_verbosity_error()
-    load_start = os.getloadavg()[0]
-    config = PromptTuningConfig()
-    captions = read_captions(args.captions)
-    log(f"{args.captions}: {len(captions):,} captions; models {args.model_list}, classes {args.class_counts}")
-    res: dict = {"command": command, "machine": machine_facts(), "config": asdict(config), "rows": [],
-                 "models": {}, "others_by_model": {}, "captions": len(captions), "load_start": load_start,
-                 "captions_path": os.path.relpath(args.captions, PROJECT_ROOT),
+    res: dict = {"command": command, "machine": machine_facts(), "load_start": os.getloadavg()[0],
+                 "native_bf16": cpu_has_native_bf16(), "repeats": args.repeats, "seeds": args.seed_list,
                  "date": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")}
-
-    with tempfile.TemporaryDirectory(prefix="bench-prompt-tuning-") as tmp:
-        for name in args.model_list:
+    captions = read_captions(args.captions)
+    if {"steps", "runs"} & set(args.part_list):
+        with tempfile.TemporaryDirectory(prefix="bench-prompt-tuning-") as tmp:
             seed_everything(0)
-            share = CpuShare()
-            log(f"{name}: creating and loading the model")
-            clap, facts = load_model(name, Path(tmp), captions)
-            model_res: dict = {"facts": facts}
-            if name == "tiny":
-                t0 = time.perf_counter()
-                embeddings = embed_captions(clap, captions)
-                model_res["embed_s"] = time.perf_counter() - t0
-            else:
+            log("creating the LAION-sized CLAP (random weights)")
+            clap, _ = load_model("full", Path(tmp), captions)
+            if "steps" in args.part_list:
+                res["steps"] = measure_steps(clap, CLASS_NAMES[:10], captions, args.repeats)
+            if "runs" in args.part_list:
+                # Selection cost does not depend on the caption embeddings' values; the app reuses its datastore's.
                 rng = np.random.default_rng(1)
                 embeddings = rng.standard_normal((len(captions), clap.embedding_dim)).astype(np.float32)
                 embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-            res["models"][name] = model_res
-            for count in args.class_counts:
-                seed_everything(0)
-                row_share = CpuShare()
-                names = CLASS_NAMES[:count]
-                if name == "tiny":
-                    row = run_tiny(clap, names, captions, embeddings, config, args.classify_repeats)
-                else:
-                    row = run_full(clap, names, captions, embeddings, config, args.full_steps, args.full_texts,
-                                   args.classify_repeats)
-                row.update(model=name, classes=count, others_cores=row_share.others())
-                log(f"{name}/{count}: other processes used {row['others_cores']:.2f} cores on average meanwhile")
-                res["rows"].append(row)
-                gc.collect()
-            res["others_by_model"][name] = share.others()
-            del clap, embeddings
+                res["runs"] = []
+                for count in args.class_counts:
+                    for preset in args.preset_list:
+                        seed_everything(0)
+                        whole = f"{preset}/{count}" in args.whole_set
+                        res["runs"].append(measure_run(clap, CLASS_NAMES[:count], captions, embeddings, preset,
+                                                       whole, args.timed_steps, args.subset))
+                        gc.collect()
+            del clap
             gc.collect()
-
+    if "accuracy" in args.part_list:
+        res["accuracy"] = measure_accuracy(ACCURACY_PRESETS, args.seed_list, args.corpus, args.accuracy_classes)
     res["load_end"] = os.getloadavg()[0]
     res["others_cores"] = whole_run.others()
     res["runtime_s"] = time.perf_counter() - started

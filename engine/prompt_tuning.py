@@ -20,6 +20,7 @@ The defaults deviate from AFPT's code in a few documented places (PromptTuningCo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -320,13 +321,12 @@ class PromptedClassifier:
         self.clap, self.prompts, self.config = clap, prompts, prompts.config
         tower = clap.text_tower()
         ids = tokenize_classes(tower, prompts.class_names, text_lengths(tower, self.config)[1])
-        with torch.no_grad():
-            self.coarse = F.normalize(prompted_class_embeddings(
-                tower, ids.input_ids, ids.attention_mask, prompts.coarse.to(tower.device),
-                self.config.double_embedding).float(), dim=-1).cpu()  # [C, D]
-            self.fine = F.normalize(prompted_class_embeddings(
-                tower, ids.input_ids, ids.attention_mask, prompts.fine.to(tower.device),
-                self.config.double_embedding).float(), dim=-1).cpu()  # [C, D]
+        with torch.no_grad():  # coarse and fine in one encoder pass, float32 (no autocast: scoring is exact)
+            coarse, fine = prompted_class_pair(tower, ids.input_ids, ids.attention_mask,
+                                               prompts.coarse.to(tower.device), prompts.fine.to(tower.device),
+                                               self.config.double_embedding)
+            self.coarse = F.normalize(coarse.float(), dim=-1).cpu()  # [C, D]
+            self.fine = F.normalize(fine.float(), dim=-1).cpu()  # [C, D]
         self.tau = min(clap.logit_scale, self.config.logit_scale_max)
 
     def scores(self, clip: torch.Tensor, frames: torch.Tensor) -> dict[str, np.ndarray]:
@@ -442,7 +442,7 @@ def tune(clap: ClapBackend, class_names: Sequence[str], data: TrainingTexts, con
             step += 1
             clock.step_done()
             estimated = estimated or clock.estimate().total_s  # the first estimate: one measured step x the plan
-            _report(progress, step / plan.steps, clock.message(epoch, loss.item()))
+            _report(progress, step / plan.steps, clock.message(epoch, epoch_losses[-1]))
         losses.append(float(np.mean(epoch_losses)))
         if plateaued(losses, config.patience, config.plateau_tolerance):
             break
@@ -530,6 +530,7 @@ def _weights_dtype(tower: TextTower) -> torch.dtype:
     return next((p.dtype for p in tower.frozen_parameters() if p.is_floating_point()), torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where oneDNN runs bf16 matmuls natively;
     elsewhere bf16 is emulated and slower than float32."""
