@@ -170,8 +170,10 @@ class ClapFeatures(nn.Module):
         rows, edge, size = len(windows), self.n_fft // 2, self.max_samples
         # Centred frames: n_fft/2 reflected samples on each side (what torch.stft / np.pad "reflect" add), written
         # into the same buffer as the padded windows instead of copying them again.
-        dtype = self.sample_dtype(windows)
-        padded = buffer(f"waveform-{dtype}", (rows, edge + size + edge), dtype) if buffer else None
+        # On the CPU the kept waveform buffer is float64 (float32 samples are exact in it): the windowing multiply
+        # then reads float64 frames instead of promoting each overlapping frame on the fly (measured faster).
+        dtype = torch.float64 if buffer else self.sample_dtype(windows)
+        padded = buffer("waveform", (rows, edge + size + edge), dtype) if buffer else None
         waveform = self.pad(windows, edge, out=padded)  # [B, edge + S + edge]
         waveform[:, :edge] = waveform[:, edge + 1:2 * edge + 1].flip(-1)
         waveform[:, edge + size:] = waveform[:, size - 1:edge + size - 1].flip(-1)
