@@ -312,9 +312,10 @@ class ClassifyHandlers(ServiceHandlers):
 
     @user_errors
     def tune(self, class_text: str, multi_label: bool, current: TunedPrompts | None = None,
-             domain: Domain | None = None, request: gr.Request = None, progress: gr.Progress = gr.Progress()
-             ) -> tuple:
-        """Tune prompts for the typed classes on datastore captions -> (status, per-class report, prompts, files).
+             domain: Domain | None = None, preset: str | None = None, request: gr.Request = None,
+             progress: gr.Progress = gr.Progress()) -> tuple:
+        """Tune prompts for the typed classes on datastore captions -> (status, per-class report, prompts, files);
+        ``preset`` names a tuning preset (None: the server's settings).
 
         Stopped by the user: the status says after how many steps and every other output keeps its value (the
         previous prompts stay in use); a stop is an outcome, not an error."""
@@ -332,7 +333,8 @@ class ClassifyHandlers(ServiceHandlers):
         report(0.0, f"Choosing training captions for {len(names)} classes…")
         try:
             prompts = self.service.tune_prompts(names, multi_label=multi_label, progress=report,
-                                                should_stop=lambda: session in self._stop_requests, domain=domain)
+                                                should_stop=lambda: session in self._stop_requests, domain=domain,
+                                                preset=preset or None)
         except TuningCancelled:
             kept = ("the previous prompts are kept" if current is not None
                     else "this session has no tuned prompts, so Classify shows zero-shot scores only")

@@ -22,7 +22,7 @@ from engine.captioner import Captioner, ClipCaptions, Domain
 from engine.clap import ClapBackend, create_clap
 from engine.clap.base import WindowEmbeddings, serving_state_ok
 from engine.classifier import Classification, ZeroShotClassifier, build_zero_shot_classifier, classify_audio
-from engine.config import AppConfig, CaptionConfig
+from engine.config import AppConfig, CaptionConfig, PromptTuningConfig, tuning_preset
 from engine.datastore import CaptionDatastore, SearchResult, is_datastore
 from engine.datastore import ProgressCallback as DatastoreProgress
 from engine.errors import ClassifierInputError, DatastoreError, ModelLoadError, NotReadyError
@@ -179,12 +179,13 @@ class AudioScribe:
                               threshold=cfg.threshold if threshold is None else threshold, embedded=embedded)
 
     def select_tuning_texts(self, class_names: Sequence[str], descriptions: dict[str, list[str]] | None = None,
-                            domain: Domain | None = None):
-        """Captions from the datastore that mention each class (topped up by CLAP similarity): the training texts."""
+                            domain: Domain | None = None, tuning: PromptTuningConfig | None = None):
+        """Captions from the datastore that mention each class (topped up by CLAP similarity): the training texts,
+        as many per class as ``tuning`` (default: the server's tuning settings) allows."""
         from engine.text_selection import select_texts
 
         store = self._store(domain)
-        cfg = self.config.tuning
+        cfg = tuning or self.config.tuning
         return select_texts(list(class_names), store.captions, clap=self.clap,
                             caption_embeddings=store.embeddings, min_per_class=cfg.min_texts_per_class,
                             max_per_class=cfg.max_texts_per_class, descriptions=descriptions,
@@ -192,15 +193,21 @@ class AudioScribe:
 
     def tune_prompts(self, class_names: Sequence[str], *, multi_label: bool | None = None,
                      descriptions: dict[str, list[str]] | None = None, progress: ProgressCallback | None = None,
-                     should_stop: Callable[[], bool] | None = None, domain: Domain | None = None) -> TunedPrompts:
+                     should_stop: Callable[[], bool] | None = None, domain: Domain | None = None,
+                     preset: str | None = None) -> TunedPrompts:
         """Audio-free prompt tuning for ``class_names`` on datastore captions. Returns new prompts; the caller keeps
-        them (per user), nothing is stored here."""
+        them (per user), nothing is stored here.
+
+        ``preset`` (a name in ``TUNING_PRESETS``) runs with that preset's values in place of the server's for every
+        field a preset sets; None or the server's own preset keeps the server's tuning settings as they are."""
         config = replace(self.config.tuning, multi_label=self.config.tuning.multi_label if multi_label is None
                          else multi_label)
+        if preset is not None and preset != config.preset:
+            config = replace(config, **tuning_preset(preset), preset=preset)  # ConfigError for an unknown name
         if len(class_names) > config.max_classes:  # refused before selecting texts, which embeds every class
             raise ClassifierInputError(f"{len(class_names)} class names to tune; the limit is {config.max_classes} "
                                        "(tuning.max_classes)")
-        selection = self.select_tuning_texts(class_names, descriptions, domain)
+        selection = self.select_tuning_texts(class_names, descriptions, domain, tuning=config)
         data = training_texts(selection, config.multi_label)
         prompts = tune(self.clap, list(class_names), data, config, progress=progress, should_stop=should_stop)
         prompts.report["selection"] = selection.format_report()

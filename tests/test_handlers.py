@@ -218,6 +218,22 @@ def test_tuning_shows_the_plan_at_once_and_the_time_left_at_every_step(handlers)
     assert re.search(r"Run time \d+ s \(estimated after the first step: \d+ s; preset `default`\)\.", status)
 
 
+def test_the_preset_chosen_on_the_page_sets_the_run_and_the_server_settings_stay(handlers, service):
+    server = dataclasses.asdict(service.config.tuning)
+    status, _, quick, _ = handlers.classify.tune(CLASSES, False, None, None, "quick", request=session("quick"))
+    assert (quick.config.preset, quick.config.prompt_len, quick.config.max_texts_per_class,
+            quick.config.epochs, quick.config.patience) == ("quick", 8, 32, 6, 1)
+    assert quick.coarse.shape[0] == 8 and "preset `quick`" in status
+    # Captions chosen with the preset's cap (32 per class), not the server's (12 here).
+    assert 12 < max(quick.report["texts_per_class"]) <= 32
+    assert dataclasses.asdict(service.config.tuning) == server  # one user's choice never changes the server's
+    # The server's own preset (or none) keeps its explicit settings (this fixture's prompt_len 4, 2 epochs).
+    _, _, same, _ = handlers.classify.tune(CLASSES, False, None, None, server["preset"], request=session("same"))
+    assert (same.config.prompt_len, same.config.epochs) == (4, 2)
+    with pytest.raises(gr.Error, match="tuning.preset must be one of default, reference, quick, got 'fastest'"):
+        handlers.classify.tune(CLASSES, False, None, None, "fastest", request=session("bad"))
+
+
 def test_selection_counts_read_the_engines_report(service):
     selection = service.select_tuning_texts(["dog barking", "rain", "zzqx"])
     counts = selection_counts(selection.format_report(), ["dog barking", "rain", "zzqx"])

@@ -14,6 +14,11 @@ TUNE_HELP = ("*Tune prompts* learns prompt vectors for the class names above fro
              "left (a run grows with the square of the class count). Tuned prompts stay in this browser session: "
              "download them to keep them, upload them to use them again.")
 NOT_TUNED = "No prompts tuned in this session yet."
+# (label, TUNING_PRESETS name): what each costs is in benchmarks/RESULTS.md, "Prompt tuning"
+PRESET_CHOICES = [("Quick", "quick"), ("Default", "default"), ("Paper's code", "reference")]
+PRESET_HELP = ("Quick: 8 prompt vectors, ≤ 32 captions per class, ≤ 6 epochs, stops when the loss stops falling "
+               "(seconds to minutes on a CPU). Default: 32 vectors, ≤ 128 captions, 10 epochs. Paper's code: the "
+               "AFPT code's settings, float32 (slowest).")
 
 
 def build_classify_tab(handlers: ClassifyHandlers, domain: gr.State) -> gr.State:
@@ -37,6 +42,8 @@ def build_classify_tab(handlers: ClassifyHandlers, domain: gr.State) -> gr.State
                                       label="Multi-label threshold", elem_id="threshold")
             classify_button = gr.Button("Classify", variant="primary", elem_id="classify-button")
             with gr.Group():
+                preset = gr.Radio(PRESET_CHOICES, value=cfg.tuning.preset, label="Tuning preset", info=PRESET_HELP,
+                                  elem_id="tune-preset")
                 with gr.Row():
                     tune_button = gr.Button("Tune prompts", elem_id="tune-button")
                     stop_button = gr.Button("Stop tuning", variant="stop", interactive=False, elem_id="stop-button")
@@ -71,7 +78,7 @@ def build_classify_tab(handlers: ClassifyHandlers, domain: gr.State) -> gr.State
                           api_description="Zero-shot scores of a clip for the class names (and, with prompts tuned "
                                           "in this session for the same names, tuned scores beside them)",
                           show_progress_on=[info], **HEAVY)
-    _wire_tuning(handlers, (class_names, multi_label, tuned, domain), (tune_button, stop_button, upload),
+    _wire_tuning(handlers, (class_names, multi_label, tuned, domain, preset), (tune_button, stop_button, upload),
                  (tune_status, report, prompt_files))
     return tuned
 
@@ -79,7 +86,7 @@ def build_classify_tab(handlers: ClassifyHandlers, domain: gr.State) -> gr.State
 def _wire_tuning(handlers: ClassifyHandlers, inputs: tuple, buttons: tuple, outputs: tuple) -> None:
     """Tune: disable Tune and enable Stop, run (progress under the buttons), then the other way round, whatever
     the outcome. Stop and Upload never wait behind model work."""
-    class_names, multi_label, tuned, domain = inputs
+    class_names, multi_label, tuned, domain, preset = inputs
     tune_button, stop_button, upload = buttons
     tune_status, report, prompt_files = outputs
 
@@ -94,11 +101,11 @@ def _wire_tuning(handlers: ClassifyHandlers, inputs: tuple, buttons: tuple, outp
         return gr.Button(interactive=False, value="Stopping…" if handlers.stopping(request) else "Stop tuning")
 
     run = tune_button.click(started, None, [tune_button, stop_button], api_name="tune_started", **UI_ONLY)
-    run = run.then(gpu(handlers.tune), [class_names, multi_label, tuned, domain],
+    run = run.then(gpu(handlers.tune), [class_names, multi_label, tuned, domain, preset],
                    [tune_status, report, tuned, prompt_files],
                    api_name="tune_prompts",
                    api_description="Tune prompts for the class names on datastore captions (for this session "
-                                   "only); returns the status (with a warning per class no caption mentions), the "
+                                   "only) with a preset (quick, default or reference); returns the status (with a warning per class no caption mentions), the "
                                    "per-class report and the prompt files. Stopped: says after how many steps",
                    show_progress_on=[tune_status], **HEAVY)
     run.then(finished, None, [tune_button, stop_button], api_name="tune_finished", **UI_ONLY)

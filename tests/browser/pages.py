@@ -25,6 +25,7 @@ TUNE_PROGRESS = "tune-progress"
 COMPARISON_PLOT = "comparison-plot"
 TIMELINE_PLOT = "timeline-plot"
 TUNE_REPORT = "tune-report"
+TUNE_PRESET = "tune-preset"
 
 # Gradio's own test ids (stable across Gradio 4-6): the Label component's headline class.
 LABEL_HEADLINE_TESTID = "label-output-value"

@@ -146,11 +146,14 @@ def test_tune_stop_then_tune_and_compare(page, screenshot, tab_screenshot):
     expect(stop).to_be_disabled()
     screenshot("stopped")
 
-    # A run to the end.
+    # A run to the end, with the preset chosen on the page.
+    pages.by_id(page, pages.TUNE_PRESET).get_by_text("Quick", exact=True).click()
     tune.click()
     expect(tune).to_be_disabled(timeout=10_000)
     expect(tune).to_be_enabled(timeout=TUNE_TIMEOUT_MS)
     expect(progress).to_contain_text(re.compile(r"Tuned 3 classes"), timeout=10_000)
+    expect(progress).to_contain_text(re.compile(r"preset\s+quick"))
+    screenshot("tuned-quick")
     expect(pages.by_id(page, pages.TUNE_REPORT)).to_contain_text("Tuning report")
 
     upload(page, SIREN)
