@@ -664,6 +664,12 @@ def structure(real: np.ndarray, vectors: np.ndarray, raw: np.ndarray, lifted: np
 # report
 
 
+def run_command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line that reproduces this run: ``python -m <module>`` and the arguments it got."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return f"python -m {module}" + (" " + shlex.join(args) if args else "")
+
+
 def machine_facts() -> dict:
     cpu = "unknown"
     try:
@@ -1071,8 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.from_json:
         return report(json.loads(args.from_json.read_text()), args)
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m benchmarks.bench_datastore" + (" " + shlex.join(argv_list) if argv_list else "")
+    command = run_command("benchmarks.bench_datastore", argv)
     seed_everything(0)
     import transformers
     transformers.logging.set_verbosity_error()

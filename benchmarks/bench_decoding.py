@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.bench_datastore import CpuShare, machine_facts, seed_everything, write_section
+from benchmarks.bench_datastore import CpuShare, machine_facts, run_command, seed_everything, write_section
 
 import torch  # noqa: E402
 
@@ -154,14 +153,13 @@ def render(res: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     started, share = time.perf_counter(), CpuShare()
     args = parse_args(argv)
-    argv_list = list(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     import transformers
     transformers.logging.set_verbosity_error()
     variants: dict[str, bool | FastPlan] = {"plain": False, "static": FastPlan(compile=False)}
     if not args.no_compile:
         variants["compiled"] = FastPlan(compile=True, backend="inductor", mode=None)
-    res: dict = {"command": "python -m benchmarks.bench_decoding" + (" " + shlex.join(argv_list) if argv_list else ""),
+    res: dict = {"command": run_command("benchmarks.bench_decoding", argv),
                  "machine": machine_facts(), "threads": torch.get_num_threads(), "load_start": os.getloadavg()[0],
                  "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "cases": [],
                  "date": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")}

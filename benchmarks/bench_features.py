@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.bench_datastore import CpuShare, machine_facts, write_section  # noqa: E402
+from benchmarks.bench_datastore import CpuShare, machine_facts, run_command, write_section  # noqa: E402
 from engine.clap.features import ClapFeatures  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -132,18 +131,13 @@ def laion_rows(devices: list[str]) -> list[Row]:
             rows.append(numpy_row)
             for device, threads in torch_settings(devices):
                 features = ClapFeatures.from_extractor(extractor).to(device)
-                row = Row(f"LAION-CLAP {label}", "torch `ClapFeatures`", device, batch,
-                          lambda f=features, p=part: f(p), threads)
-                with torch.inference_mode():
-                    row.error = relative_error(features(part), reference)
-                row.reference = numpy_row  # type: ignore[attr-defined]
-                rows.append(row)
+                methods = {"torch `ClapFeatures`": features}
                 if truncation == "rand_trunc":  # the float32 alternative, for the speed / accuracy trade-off
-                    variant = float32_variant(features)
-                    row = Row(f"LAION-CLAP {label}", "float32 STFT variant (not used)", device, batch,
-                              lambda f=variant, p=part: f(p), threads)
+                    methods["float32 STFT variant (not used)"] = float32_variant(features)
+                for method, compute in methods.items():
+                    row = Row(f"LAION-CLAP {label}", method, device, batch, lambda f=compute, p=part: f(p), threads)
                     with torch.inference_mode():
-                        row.error = relative_error(variant(part), reference)
+                        row.error = relative_error(compute(part), reference)
                     row.reference = numpy_row  # type: ignore[attr-defined]
                     rows.append(row)
     return rows
@@ -348,8 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     whole_run = CpuShare()
     args = parse_args(argv)
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m benchmarks.bench_features" + (" " + shlex.join(argv_list) if argv_list else "")
+    command = run_command("benchmarks.bench_features", argv)
     import transformers
     transformers.logging.set_verbosity_error()
     load_start = os.getloadavg()[0]

@@ -26,7 +26,6 @@ import argparse
 import gc
 import os
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import benchmarks.bench_datastore as bench_datastore  # sets HF_HUB_OFFLINE and TOKENIZERS_PARALLELISM first
-from benchmarks.bench_datastore import CpuShare, load_model, machine_facts, seed_everything
+from benchmarks.bench_datastore import CpuShare, load_model, machine_facts, run_command, seed_everything
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -479,8 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     whole_run = CpuShare()
     args = parse_args(argv)
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m benchmarks.bench_prompt_tuning" + (" " + shlex.join(argv_list) if argv_list else "")
+    command = run_command("benchmarks.bench_prompt_tuning", argv)
     import transformers
     transformers.logging.set_verbosity_error()
     res: dict = {"command": command, "machine": machine_facts(), "load_start": os.getloadavg()[0],
